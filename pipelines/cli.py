@@ -1,0 +1,47 @@
+"""The `uniloom` command line. Subcommands live in pipelines/commands/, one file each.
+
+Every error a user can fix (bad arguments, bad config, bad input) is one line on stderr
+and a non-zero exit; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from uniloom.pipelines.commands.corpus import corpus
+from uniloom.pipelines.errors import UniloomError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="uniloom")
+def cli() -> None:
+    """uniloom: train unified vision-language models on continuous visual tokens."""
+
+
+cli.add_command(corpus)
+
+
+def main() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f" ({ctx.command_path})" if ctx is not None else ""
+        click.echo(f"error{where}: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except UniloomError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

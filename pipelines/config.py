@@ -1,0 +1,197 @@
+"""Typed configuration: dataclasses filled from a YAML preset, an optional YAML file and
+`--set a.b.c=value` overrides, in that order.
+
+Every key is checked against the dataclass fields and every value against the field's
+type, so a typo or a wrongly typed value fails at start-up with the key's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uniloom.pipelines.errors import ConfigError
+
+
+@dataclass
+class CorpusConfig:
+    """The procedurally generated compositional corpus (pipelines/corpus)."""
+
+    num: int = 2000
+    shards: int = 8
+    size: int = 64  # rendered image side in pixels
+    seed: int = 0
+    max_objects: int = 4
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: an empty tracking_uri means a SQLite store inside the workspace."""
+
+    tracking_uri: str = ""
+    experiment: str = "uniloom"
+
+
+@dataclass
+class RayConfig:
+    """Where Ray runs: an empty address starts a local instance on this machine."""
+
+    address: str = ""
+    num_cpus: int = 0  # 0: let Ray count the cores
+
+
+@dataclass
+class UniloomConfig:
+    preset: str = "tiny"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("uniloom.pipelines") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(names)})")
+    text = (resources.files("uniloom.pipelines") / "presets" / f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset '{name}'")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping for section {tp.__name__}")
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from `data`, defaults filling what `data` omits."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config section '{prefix or cls.__name__}': {e}") from None
+
+
+def load_config(
+    preset: str = "tiny", config_file: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> UniloomConfig:
+    data = load_preset(preset)
+    data["preset"] = preset
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = _deep_merge(data, _read_yaml(path.read_text(), str(path)))
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return build(UniloomConfig, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params and fingerprints use."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out

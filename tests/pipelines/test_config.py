@@ -1,0 +1,48 @@
+import pytest
+
+from uniloom.pipelines.config import flatten, load_config, parse_override, preset_names, to_dict
+from uniloom.pipelines.errors import ConfigError
+
+
+def test_presets_load_and_fill_every_section():
+    assert {"tiny", "paper"} <= set(preset_names())
+    tiny, paper = load_config("tiny"), load_config("paper")
+    assert tiny.preset == "tiny" and paper.preset == "paper"
+    assert tiny.corpus.size == 64 and paper.corpus.size == 512
+
+
+def test_override_precedence_file_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("corpus:\n  num: 10\n  seed: 3\n")
+    cfg = load_config("tiny", f, ["corpus.num=7", "tracking.experiment=exp-a"])
+    assert (cfg.corpus.num, cfg.corpus.seed, cfg.tracking.experiment) == (7, 3, "exp-a")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("corpus.nmu=3", "unknown config key 'corpus.nmu'"),
+        ("nosection.x=1", "unknown config key 'nosection'"),
+        ("corpus.num=abc", "config key 'corpus.num': expected int"),
+        ("corpus.num=true", "config key 'corpus.num': expected int"),
+        ("corpus=5", "config key 'corpus': expected a mapping"),
+        ("corpus.num", "is not of the form key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", overrides=[override])
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", tmp_path / "missing.yaml")
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_override("a.b=1.5") == {"a": {"b": 1.5}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    flat = flatten(to_dict(load_config("tiny")))
+    assert flat["corpus.num"] == 2000 and "tracking.experiment" in flat
