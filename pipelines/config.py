@@ -50,6 +50,7 @@ class RayConfig:
 @dataclass
 class UniloomConfig:
     preset: str = "tiny"
+    workspace: str = "workspace"  # runs, MLflow store, checkpoints of the embedded default
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
