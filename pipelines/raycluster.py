@@ -1,5 +1,5 @@
-"""Connecting to Ray: a cluster when `ray.address` is set, otherwise a local instance
-whose every server binds to loopback (nothing on this machine listens elsewhere)."""
+"""Connecting to Ray: the cluster named by `ray.address` or by RAY_ADDRESS (set for the
+driver of a Ray Job), otherwise a local instance whose every server binds to loopback."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def init_ray(cfg: RayConfig):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
             num_cpus=cfg.num_cpus or None,

@@ -1,0 +1,111 @@
+"""A real two-node Ray cluster on this machine with every server on loopback.
+
+`ray start` swaps 127.0.0.1 for the interface address: on the head,
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps it on loopback, but the CLI then refuses to
+start a second node. The worker node is therefore started through this file's
+`worker` entry point, which runs the same `ray start` with Ray's node-IP lookup pinned
+to 127.0.0.1. Processes are found and stopped by PID through the cluster's own temp dir,
+so other Ray instances on the machine are untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, root: Path, cpus_per_node: int = 1):
+        self.root = root
+        self.temp_dir = Path(f"/tmp/ul-{secrets.token_hex(3)}")  # short: unix socket paths
+        self.token_path = root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.cpus = cpus_per_node
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self) -> LocalCluster:
+        head = [
+            str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.cpus}",
+            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+        ]  # fmt: skip
+        env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        worker = [
+            sys.executable, __file__, "worker", f"--address=127.0.0.1:{self.gcs_port}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats",
+        ]  # fmt: skip
+        subprocess.run(worker, env=self.env, check=True, capture_output=True, timeout=180)
+        return self
+
+    def pids(self) -> list[int]:
+        out = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(self.temp_dir).encode() in cmdline or f":{self.gcs_port}".encode() in cmdline:
+                out.append(int(proc.name))
+        return [p for p in out if p != os.getpid()]
+
+    def listening_addresses(self) -> set[str]:
+        """Local addresses of every TCP socket this cluster's processes listen on."""
+        pids = set(self.pids())
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        found = set()
+        for line in out.splitlines():
+            fields = line.split()
+            if any(f"pid={p}," in line for p in pids):
+                found.add(fields[3].rsplit(":", 1)[0])
+        return found
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while self.pids() and time.time() < deadline:
+                time.sleep(0.2)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    import ray._private.services as services
+
+    services.get_node_ip_address = lambda address=None: "127.0.0.1"
+    from ray.scripts.scripts import main
+
+    sys.argv = ["ray", "start", *sys.argv[2:]]
+    main()
