@@ -35,11 +35,9 @@ integration: $(STAMP)
 test: lint $(STAMP)
 	$(BIN)/pytest -q -rs tests
 
-# The workflow's stages that exist so far, on the embedded default.
+# The whole workflow on the embedded default: tiny preset, local Ray, MLflow on SQLite, CPU.
 demo: $(STAMP)
-	$(BIN)/uniloom corpus synth --out workspace/corpus
-	$(BIN)/uniloom corpus photos --out workspace/photos
-	@echo "corpus written under $(CURDIR)/workspace"
+	$(BIN)/uniloom run --workspace workspace
 
 clean:
 	rm -rf workspace .ruff_cache

@@ -12,6 +12,7 @@ import sys
 import click
 
 from uniloom.pipelines.commands.corpus import corpus
+from uniloom.pipelines.commands.run import run
 from uniloom.pipelines.commands.submit import submit
 from uniloom.pipelines.errors import UniloomError
 
@@ -23,6 +24,7 @@ def cli() -> None:
 
 
 cli.add_command(corpus)
+cli.add_command(run)
 cli.add_command(submit)
 
 

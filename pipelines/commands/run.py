@@ -1,0 +1,51 @@
+"""`uniloom run`: the whole workflow on one preset, skipping unchanged stages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from uniloom.pipelines.commands.options import config_options, emit, json_option
+from uniloom.pipelines.tracking import tracking_uri
+
+
+@click.command()
+@click.option(
+    "--workspace", type=click.Path(file_okay=False), help="Workspace directory [config: workspace]."
+)
+@click.option("--force", multiple=True, metavar="STAGE", help="Rerun STAGE even if unchanged (repeatable).")
+@config_options
+@json_option
+def run(workspace: str | None, force: tuple[str, ...], cfg, as_json: bool) -> None:
+    """Corpus -> tokenizer -> data -> training recipe -> evaluation -> registry."""
+    from uniloom.pipelines.errors import UniloomError
+    from uniloom.pipelines.workflow import run_workflow
+    from uniloom.pipelines.workflow_stages import workflow_stages
+
+    if workspace:
+        cfg.workspace = workspace
+    stages = workflow_stages()
+    unknown = set(force) - {s.name for s in stages}
+    if unknown:
+        raise UniloomError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}")
+    start = time.perf_counter()
+    reports, parent_run = run_workflow(cfg, stages, echo=lambda m: click.echo(m, err=True), force=force)
+    seconds = time.perf_counter() - start
+    click.echo("", err=True)
+    click.echo(f"{'stage':<12} {'status':<8} {'seconds':>8}  metrics", err=True)
+    for r in reports:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.result.metrics.items()))
+        click.echo(f"{r.name:<12} {r.status:<8} {r.seconds:>8.1f}  {metrics}", err=True)
+    summary = {
+        "workspace": str(Path(cfg.workspace).resolve()),
+        "mlflow_tracking_uri": tracking_uri(cfg),
+        "mlflow_parent_run": parent_run,
+        "seconds": round(seconds, 1),
+        "ran": [r.name for r in reports if r.status == "ran"],
+        "skipped": [r.name for r in reports if r.status == "skipped"],
+        "metrics": {f"{r.name}.{k}": v for r in reports for k, v in r.result.metrics.items()},
+        "outputs": {f"{r.name}.{k}": v for r in reports for k, v in r.result.outputs.items()},
+    }
+    emit(summary, as_json)

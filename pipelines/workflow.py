@@ -1,0 +1,170 @@
+"""The workflow runner behind `uniloom run`: stages in a fixed order, each skipped when
+its fingerprint is unchanged.
+
+A stage's fingerprint hashes the config sections it reads, the fingerprints of the
+stages it depends on, and the code version, so changing one filter reruns the data stage
+and what depends on it, and nothing before it; a stage that runs again (forced, or its outputs gone) reruns its
+dependents too. State lives in
+`<workspace>/workflow.json`, written atomically after each stage, so a run that dies
+keeps every stage it finished. One MLflow parent run covers an invocation; every stage
+that runs gets a nested run, and skipped stages are listed on the parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.errors import UniloomError
+
+
+@dataclass
+class StageResult:
+    """What a stage reports: paths it wrote (must exist for a later skip) and metrics."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections (or dotted keys) the stage reads
+    run: Callable[[UniloomConfig, dict[str, StageResult]], StageResult]
+    depends: tuple[str, ...] = ()
+    description: str = ""
+
+
+def code_version() -> str:
+    """The installed version plus a hash of the package's source files."""
+    import uniloom.pipelines
+
+    root = Path(uniloom.pipelines.__file__).resolve().parent.parent
+    digest = hashlib.sha256(metadata.version("uniloom").encode())
+    for folder in ("pipelines", "models", "kernels"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _select(cfg_dict: dict[str, Any], key: str) -> Any:
+    value: Any = cfg_dict
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def fingerprint(stage: Stage, cfg: UniloomConfig, upstream: dict[str, str], version: str) -> str:
+    data = to_dict(cfg)
+    payload = {
+        "stage": stage.name,
+        "config": {key: _select(data, key) for key in stage.sections},
+        "upstream": {name: upstream[name] for name in stage.depends},
+        "code": version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class State:
+    """`<workspace>/workflow.json`: per stage, its fingerprint and last result."""
+
+    def __init__(self, workspace: Path):
+        self.path = workspace / "workflow.json"
+        self.stages: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                self.stages = json.loads(self.path.read_text())["stages"]
+            except (ValueError, KeyError):
+                raise UniloomError(f"{self.path} is corrupt: delete it to rerun every stage") from None
+
+    def fresh(self, name: str, fp: str) -> StageResult | None:
+        """The stored result when the fingerprint matches and every output still exists."""
+        entry = self.stages.get(name)
+        if not entry or entry["fingerprint"] != fp:
+            return None
+        result = StageResult(entry["outputs"], entry["metrics"])
+        if not all(Path(p).exists() for p in result.outputs.values()):
+            return None
+        return result
+
+    def record(self, name: str, fp: str, result: StageResult, seconds: float, run_id: str | None) -> None:
+        self.stages[name] = {
+            "fingerprint": fp,
+            "outputs": result.outputs,
+            "metrics": result.metrics,
+            "seconds": round(seconds, 2),
+            "mlflow_run_id": run_id,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    fingerprint: str
+    result: StageResult
+
+
+def run_workflow(
+    cfg: UniloomConfig, stages: list[Stage], echo: Callable[[str], None] = print, force: tuple[str, ...] = ()
+) -> tuple[list[StageReport], str | None]:
+    """Run `stages` in order; returns per-stage reports and the MLflow parent run id."""
+    import mlflow
+
+    from uniloom.pipelines.tracking import configure, log_config
+
+    workspace = Path(cfg.workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    state = State(workspace)
+    version = code_version()
+    configure(cfg)
+    reports: list[StageReport] = []
+    results: dict[str, StageResult] = {}
+    fingerprints: dict[str, str] = {}
+    ran: set[str] = set()
+    with mlflow.start_run(run_name=f"workflow-{cfg.preset}", tags={"uniloom.workflow": cfg.preset}) as parent:
+        log_config(cfg)
+        for stage in stages:
+            fp = fingerprint(stage, cfg, fingerprints, version)
+            fingerprints[stage.name] = fp
+            # A dependency that ran again made new outputs, even with an unchanged config.
+            rerun = stage.name in force or any(d in ran for d in stage.depends)
+            cached = None if rerun else state.fresh(stage.name, fp)
+            if cached is not None:
+                echo(f"[{stage.name}] unchanged (fingerprint {fp}): skipped")
+                results[stage.name] = cached
+                reports.append(StageReport(stage.name, "skipped", 0.0, fp, cached))
+                continue
+            echo(f"[{stage.name}] running: {stage.description}")
+            start = time.perf_counter()
+            with mlflow.start_run(
+                run_name=stage.name, nested=True, tags={"uniloom.stage": stage.name}
+            ) as run:
+                mlflow.log_param("fingerprint", fp)
+                result = stage.run(cfg, results)
+                if result.metrics:
+                    mlflow.log_metrics(result.metrics)
+            seconds = time.perf_counter() - start
+            state.record(stage.name, fp, result, seconds, run.info.run_id)
+            results[stage.name] = result
+            ran.add(stage.name)
+            reports.append(StageReport(stage.name, "ran", seconds, fp, result))
+            echo(f"[{stage.name}] done in {seconds:.1f} s")
+        skipped = [r.name for r in reports if r.status == "skipped"]
+        mlflow.set_tag("uniloom.skipped_stages", ",".join(skipped) or "none")
+    return reports, parent.info.run_id
