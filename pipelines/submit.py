@@ -75,6 +75,25 @@ def _client(address: str, token: str | None):
         raise UniloomError(f"cannot reach the Ray job server at {address}: {e}") from None
 
 
+# A job server answers before its node's agent is up (a freshly started head, or a busy
+# one); the server itself says to try again later, so we do, for a bounded time.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 120
+
+
+def _submit_when_ready(client, entrypoint: str, runtime_env: dict[str, Any]) -> str:
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if AGENT_NOT_READY not in str(e):
+                raise UniloomError(f"job submission refused: {e}") from None
+            if time.monotonic() > deadline:
+                raise UniloomError(f"no Ray job agent became available within {AGENT_WAIT_S} s") from None
+            time.sleep(2)
+
+
 async def _stream_logs(client, job_id: str, echo) -> None:
     async for chunk in client.tail_job_logs(job_id):
         echo(chunk, nl=False)
@@ -102,7 +121,7 @@ def submit(
             "env_vars": env_vars,
         }
         entrypoint = " ".join(["python", "-m", "uniloom.pipelines.cli", *map(shlex.quote, command)])
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        job_id = _submit_when_ready(client, entrypoint, runtime_env)
     echo(f"submitted job {job_id}: {entrypoint}")
     if follow:
         asyncio.run(_stream_logs(client, job_id, echo))

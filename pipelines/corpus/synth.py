@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import tarfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -93,14 +95,30 @@ def synthesize(cfg: CorpusConfig, out: Path, progress: Callable[[int], None] | N
     """Write `cfg.num` samples into `cfg.shards` tars under `out`; returns their paths."""
     prepare(cfg, out)
     bounds = np.linspace(0, cfg.num, cfg.shards + 1).astype(int)
-    paths = []
-    for shard, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        path = out / f"shapes-{shard:05d}.tar"
-        write_tar(path, (synth_sample(cfg, i) for i in range(lo, hi)))
-        paths.append(path)
-        if progress:
-            progress(int(hi - lo))
-    return paths
+    jobs = [
+        (cfg, out / f"shapes-{s:05d}.tar", int(lo), int(hi))
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers == 1:
+        done = map(_write_shard, jobs)
+    else:
+        # Shards are independent and samples are seeded per index: one process per core.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        done = pool.map(_write_shard, jobs)
+    try:
+        for count in done:
+            if progress:
+                progress(count)
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    return [job[1] for job in jobs]
+
+
+def _write_shard(job: tuple[CorpusConfig, Path, int, int]) -> int:
+    cfg, path, lo, hi = job
+    return write_tar(path, (synth_sample(cfg, i) for i in range(lo, hi)))
 
 
 def photo_captions() -> dict[str, str]:
