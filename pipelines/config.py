@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from uniloom.models.mingtok_config import MingTokConfig
+from uniloom.models.univision_config import UniVisionConfig
 from uniloom.pipelines.errors import ConfigError
 
 
@@ -54,6 +56,8 @@ class UniloomConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    mingtok: MingTokConfig = field(default_factory=MingTokConfig)
+    model: UniVisionConfig = field(default_factory=UniVisionConfig)
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,92 @@
+"""MingTok's masked-image-modeling objective: the training-only heads and the four losses.
+
+    (a) latent:   encoder latents at masked positions -> MLP -> teacher image features
+    (b) semantic: semantic features at masked positions -> MLP -> text-aligned teacher features
+    (c) pixel:    L1 between the pixel decoder's output and the image, for masked and
+                  unmasked inputs alike (a sample whose mask row is all False is unmasked)
+    (d) text:     pooled semantic features -> Linear -> contrastive against locked caption
+                  embeddings (several images may share a caption: all of them are positives)
+
+Teachers live outside (pipelines/tokenizer/teachers.py): this module takes their features
+as tensors, so any teacher whose features form a patch grid fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from uniloom.models.mingtok import MingTok
+
+
+@dataclass
+class LossWeights:
+    pixel: float = 1.0
+    pixel_l2: float = 0.0  # optional MSE beside the L1 (PSNR is an L2 figure)
+    latent: float = 0.1
+    semantic: float = 0.1
+    text: float = 0.1
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out))
+
+
+def regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 to layer-normalised targets: the scale of any teacher's features drops out."""
+    target = F.layer_norm(target.float(), target.shape[-1:])
+    return F.smooth_l1_loss(pred.float(), target)
+
+
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on the positives, averaged over rows; logits (B, B)."""
+    log_prob = logits.log_softmax(dim=-1)
+    return -(torch.logsumexp(log_prob.masked_fill(~positives, -torch.inf), dim=-1)).mean()
+
+
+class MIMObjective(nn.Module):
+    def __init__(self, model: MingTok, latent_teacher_dim: int, semantic_teacher_dim: int, text_dim: int):
+        super().__init__()
+        cfg = model.cfg
+        self.latent_head = mlp(cfg.latent_dim, cfg.enc_width, latent_teacher_dim)
+        self.semantic_head = mlp(cfg.semantic_dim, cfg.semantic_dim, semantic_teacher_dim)
+        self.text_proj = nn.Linear(cfg.semantic_dim, text_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def contrastive(self, pooled: torch.Tensor, text: torch.Tensor, same_caption: torch.Tensor):
+        """pooled (B, D), text (B, E) locked caption embeddings, same_caption (B, B) bool."""
+        image = F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ F.normalize(text, dim=-1).T
+        return (multi_positive_nce(logits, same_caption) + multi_positive_nce(logits.T, same_caption.T)) / 2
+
+    def forward(
+        self,
+        model: MingTok,
+        images: torch.Tensor,  # (B, 3, H, W) in [-1, 1]
+        mask: torch.Tensor,  # (B, N) bool, True = masked at the encoder input
+        latent_targets: torch.Tensor,  # (B, N, Ta) teacher image features of the unmasked image
+        semantic_targets: torch.Tensor,  # (B, N, Tb) text-aligned teacher features
+        text: torch.Tensor,  # (B, E) caption embeddings
+        same_caption: torch.Tensor,  # (B, B) bool
+        weights: LossWeights,
+    ) -> dict[str, torch.Tensor]:
+        latents = model.encode_all(images, mask)  # (B, N + 1, L), class token last
+        features = model.decode_semantic(latents[:, :-1])  # (B, N, D): causal, so the class adds nothing
+        recon = model.decode_pixels(features, clamp=False)  # (B, 3, H, W)
+        losses = {"pixel": (recon - images).abs().mean()}
+        if weights.pixel_l2:
+            losses["pixel_l2"] = (recon - images).pow(2).mean()
+        if mask.any():
+            losses["latent"] = regression(self.latent_head(latents[:, :-1][mask]), latent_targets[mask])
+            losses["semantic"] = regression(self.semantic_head(features[mask]), semantic_targets[mask])
+        else:  # keep every parameter in the graph, so DDP sees the same ones each step
+            losses["latent"] = 0.0 * sum(p.sum() for p in self.latent_head.parameters())
+            losses["semantic"] = 0.0 * sum(p.sum() for p in self.semantic_head.parameters())
+        losses["text"] = self.contrastive(features.mean(dim=1), text, same_caption)
+        losses["total"] = sum(getattr(weights, name) * value for name, value in losses.items())
+        losses["recon"] = recon.detach()
+        return losses

@@ -1,0 +1,152 @@
+"""Mixture-of-experts feed-forward of the unified model (Ling-lite / BailingMoE shapes).
+
+    x_TD -> router (softmax over E, top-k, top-k weights renormalised to sum 1)
+         -> token-slots sorted by expert -> GroupedExperts(x_ND, num_tokens_per_expert_E)
+         -> weighted by their router score, summed back per token
+         + shared experts (a dense SwiGLU, always on)
+
+Multi-gate: image positions (image_mask) are routed by their own gate, text positions by
+the text gate; both gates choose among the same experts.
+
+Dropless routing, not a capacity factor: a capacity drops the token-slots that overflow an
+expert, so a token's output would depend on which other tokens share its batch. Then the
+cached (one token at a time) decoding would differ from the full forward, a packed row
+from the same samples unpacked, and the layer from its dense reference. Dropless keeps
+all three exact; the cost, uneven expert loads across expert-parallel ranks, is what the
+load-balancing loss keeps in check.
+
+Load-balancing loss (Switch / DeepSeek style): aux = E * sum_e f_e * P_e, with f_e the
+fraction of token-slots routed to expert e (T * k slots) and P_e the mean router
+probability of e over the tokens; each token's probabilities come from the gate that
+routed it, and f and P are taken over all tokens together because the experts' actual
+load (what unbalances an all-to-all) is the joint one. Perfect balance gives 1.
+
+Expert-parallel seam. The model stays single-device; expert parallelism is applied from
+outside (pipelines/, on DeepSpeed's expert-parallel process groups) by replacing ONE
+module per layer, `MoE.experts` (a `GroupedExperts`), with a module of the same call:
+
+    experts(x_ND, num_tokens_per_expert_E) -> out_ND
+
+where x_ND are this rank's token-slots sorted by global expert id (all rows of expert 0,
+then expert 1, ...), num_tokens_per_expert_E (E,) their counts, and out_ND the experts'
+outputs in the same order, not yet weighted by the router. An expert-parallel module
+exchanges counts and tokens with an all-to-all over the EP group, runs its local experts
+(a `GroupedExperts` holding rows [rank * E/ep, (rank+1) * E/ep) of w1_EFD, w2_EDF,
+w3_EFD), and returns the outputs with the inverse all-to-all. Routing, the aux loss, the
+score weighting and the shared experts stay outside the seam, so they need no change.
+Parameters of the routed experts are `MoE.experts.parameters()` (see
+`UniVision.expert_parameters`): those are the ones DeepSpeed must not all-reduce across
+the data-parallel group. We use our own layer rather than deepspeed.moe.layer.MoE because
+DeepSpeed's layer brings its own gate (no multi-gate routing by modality, a different
+balancing loss), stores experts as separate modules (no grouped weights), and importing
+DeepSpeed would break the rule that models/ is plain PyTorch.
+
+Shape legend: T tokens (batch * sequence flattened), D hidden, E routed experts, k experts
+per token, N = T * k token-slots, F expert FFN width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from uniloom.models.univision_config import UniVisionConfig
+
+
+@dataclass
+class MoEStats:
+    aux_loss: torch.Tensor  # () load-balancing loss of this layer
+    tokens_per_expert: torch.Tensor  # (E,) token-slots routed to each expert, for logging
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: the shared experts (n shared experts of width F are one of width n * F)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):  # (..., D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as grouped weights: the expert-parallel seam (module docstring)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, init_std: float = 0.02):
+        super().__init__()
+        self.w1_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD):
+            nn.init.normal_(w, std=init_std)
+
+    def forward(self, x_ND, num_tokens_per_expert_E):
+        """x_ND sorted by expert, counts (E,) -> out_ND in the same order."""
+        # One matmul per expert: a grouped-GEMM kernel (kernels/) can replace this loop
+        # without touching the call.
+        outs = []
+        for e, x_nD in enumerate(torch.split(x_ND, num_tokens_per_expert_E.tolist())):
+            h_nF = F.silu(x_nD @ self.w1_EFD[e].T) * (x_nD @ self.w3_EFD[e].T)
+            outs.append(h_nF @ self.w2_EDF[e].T)  # (n, D)
+        return torch.cat(outs)
+
+
+class Router(nn.Module):
+    """One gate: router probabilities over the E experts, in float32."""
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x_TD):
+        return self.gate(x_TD).float().softmax(dim=-1)  # (T, E)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: UniVisionConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.experts_per_token
+        self.router = Router(cfg.hidden, cfg.num_experts)
+        self.image_router = Router(cfg.hidden, cfg.num_experts) if cfg.multi_gate else None
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden, cfg.expert_ffn, cfg.init_std)
+        self.shared = (
+            FeedForward(cfg.hidden, cfg.expert_ffn * cfg.num_shared_experts)
+            if cfg.num_shared_experts
+            else None
+        )
+
+    def route(self, x_TD, image_mask_T=None):
+        """Router probabilities (T, E) from each token's gate, top-k scores and experts (T, k)."""
+        probs_TE = self.router(x_TD)
+        if self.image_router is not None and image_mask_T is not None:
+            probs_TE = torch.where(image_mask_T[:, None], self.image_router(x_TD), probs_TE)
+        top_scores_TK, selected_TK = probs_TE.topk(self.top_k, dim=-1)
+        top_scores_TK = top_scores_TK / top_scores_TK.sum(-1, keepdim=True)
+        return probs_TE, top_scores_TK, selected_TK
+
+    def forward(self, x_BTD, image_mask_BT=None):
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        image_mask_T = None if image_mask_BT is None else image_mask_BT.reshape(B * T)
+        probs_TE, top_scores_TK, selected_TK = self.route(x_TD, image_mask_T)
+
+        # Sort the T * k token-slots by expert so each expert reads one contiguous block.
+        selected_N = selected_TK.reshape(-1)
+        order_N = selected_N.argsort(stable=True)
+        token_N = order_N // self.top_k  # which token each sorted slot belongs to
+        num_tokens_per_expert_E = torch.bincount(selected_N, minlength=self.num_experts)
+        out_ND = self.experts(x_TD[token_N], num_tokens_per_expert_E)
+        out_ND = out_ND * top_scores_TK.reshape(-1)[order_N, None].to(out_ND.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        f_E = num_tokens_per_expert_E.float() / selected_N.numel()
+        aux_loss = self.num_experts * (f_E * probs_TE.mean(0)).sum()
+        return out_TD.view(B, T, D), MoEStats(aux_loss, num_tokens_per_expert_E.detach())

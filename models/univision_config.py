@@ -1,0 +1,59 @@
+"""The unified model's configuration, apart from the model so that loading a config (every
+CLI command does) does not import torch. `uniloom.models.univision` re-exports it.
+
+Defaults are the `paper` shapes: Ling-lite ("BailingMoE") as released with Ming-UniVision,
+plus the MAR-style rectified-flow head of the released code (width 3072, 12 blocks,
+SwiGLU at 4x). See ../shared/design/MODEL_SPEC.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class UniVisionConfig:
+    # Backbone (decoder-only, every layer MoE)
+    vocab_size: int = 126464  # must equal the text tokenizer's vocabulary (the pipeline's BPE)
+    hidden: int = 2048
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    rope_theta: float = 600000.0
+    rms_eps: float = 1e-5
+    init_std: float = 0.006
+    # Mixture of experts
+    num_experts: int = 64
+    experts_per_token: int = 6
+    expert_ffn: int = 1408
+    num_shared_experts: int = 2
+    multi_gate: bool = True  # a separate router for image positions
+    # Vision in/out: MingTok's latent width and semantic feature width (MingTokConfig.sem_width)
+    latent_dim: int = 32
+    semantic_dim: int = 1024
+    flow_width: int = 3072
+    flow_depth: int = 12
+    flow_mlp_mult: float = 4.0
+    flow_batch_mul: int = 4  # flow-loss samples (t, noise) per image token, as MAR's diffusion_batch_mul
+    # Losses
+    text_loss_weight: float = 1.0
+    flow_loss_weight: float = 1.0
+    aux_loss_weight: float = 0.01
+    # Sampling
+    flow_steps: int = 16
+    temperature: float = 1.0
+    cfg_text_uncond_scale: float = 1.1  # s_t in v = v_u + s_t (v_tu - v_u) + s_c (v_c - v_tu)
+    cfg_cond_scale: float = 3.0  # s_c
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token must be in 1..num_experts ({self.num_experts})")
+        if self.flow_batch_mul < 1 or self.flow_steps < 1:
+            raise ValueError("flow_batch_mul and flow_steps must be at least 1")
