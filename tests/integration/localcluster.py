@@ -4,12 +4,16 @@
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps it on loopback, but the CLI then refuses to
 start a second node. The worker node is therefore started through this file's
 `worker` entry point, which runs the same `ray start` with Ray's node-IP lookup pinned
-to 127.0.0.1. Processes are found and stopped by PID through the cluster's own temp dir,
-so other Ray instances on the machine are untouched.
+to 127.0.0.1. Every agent gets its own free port (a second Ray instance on the machine
+holds the defaults). Both `ray start` calls run in sessions of their own, and the
+cluster's processes are found and stopped by PID through those session ids (Ray's agents
+rename themselves over their command line and environment, and outlive their raylet when
+it is killed first), so other Ray instances on the machine are untouched.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -38,6 +42,7 @@ class LocalCluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.cpus = cpus_per_node
+        self.sessions: set[int] = set()
         self.env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -50,20 +55,47 @@ class LocalCluster:
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self) -> LocalCluster:
+    def _ports(self) -> list[str]:
+        return [
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 120) -> LocalCluster:
         head = [
             str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.cpus}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *self._ports(),
         ]  # fmt: skip
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        self._start(head, env)
         worker = [
             sys.executable, __file__, "worker", f"--address=127.0.0.1:{self.gcs_port}",
-            "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats", *self._ports(),
         ]  # fmt: skip
-        subprocess.run(worker, env=self.env, check=True, capture_output=True, timeout=180)
+        self._start(worker, self.env)
+        deadline = time.time() + timeout
+        while (nodes := self.alive_nodes()) < 2:
+            if time.time() > deadline:
+                raise RuntimeError(f"only {nodes} of 2 Ray nodes came up within {timeout} s")
+            time.sleep(1)
         return self
+
+    def _start(self, cmd: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.sessions.add(proc.pid)
+        out, _ = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{out.decode(errors='replace')}")
+
+    def alive_nodes(self) -> int:
+        out = subprocess.run(
+            [str(BIN / "ray"), "list", "nodes", f"--address=127.0.0.1:{self.gcs_port}", "--filter", "state=ALIVE", "--format=json"],
+            env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return len(json.loads(out.stdout)) if out.returncode == 0 else 0
 
     def pids(self) -> list[int]:
         out = []
@@ -71,10 +103,11 @@ class LocalCluster:
             if not proc.name.isdigit():
                 continue
             try:
-                cmdline = (proc / "cmdline").read_bytes()
+                stat = (proc / "stat").read_text()
             except OSError:
                 continue
-            if str(self.temp_dir).encode() in cmdline or f":{self.gcs_port}".encode() in cmdline:
+            fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            if fields[0] != "Z" and int(fields[3]) in self.sessions:
                 out.append(int(proc.name))
         return [p for p in out if p != os.getpid()]
 
