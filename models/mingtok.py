@@ -120,6 +120,23 @@ def resize_pos_embed(pos: torch.Tensor, grid: int, hw: tuple[int, int]) -> torch
     return img.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], C)
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(1, grid * grid, width) sin-cos embedding of a raster-ordered grid, scaled to std 0.1:
+    strong enough to matter beside the patch embeddings at initialisation."""
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angle = coord[:, None] * freq[None, :]  # (grid * grid, width / 4)
+        parts += [angle.sin(), angle.cos()]
+    emb = torch.cat(parts, dim=1)
+    emb = torch.cat([emb, torch.zeros(grid * grid, width - emb.shape[1], dtype=emb.dtype)], dim=1)
+    return (0.1 * emb / emb.std()).float().unsqueeze(0)
+
+
 def square_grid(n: int) -> int:
     side = math.isqrt(n)
     if side * side != n:
@@ -250,8 +267,14 @@ class MingTok(nn.Module):
         self.register_buffer("latent_shift", torch.tensor(float(cfg.latent_shift)))
         self.register_buffer("latent_scale", torch.tensor(float(cfg.latent_scale)))
         self.apply(self._init_weights)
-        for module in (self.encoder, self.semantic_decoder, self.pixel_decoder):
-            nn.init.trunc_normal_(module.pos_embed, std=0.02)
+        # Learned position embeddings start from a 2D sin-cos layout (as in MAE): training
+        # begins with neighbours already near each other instead of at random places.
+        g = cfg.grid
+        with torch.no_grad():
+            self.encoder.pos_embed.copy_(sincos_2d(g, cfg.enc_width))
+            self.semantic_decoder.pos_embed[:, :-1].copy_(sincos_2d(g, cfg.sem_width))
+            self.pixel_decoder.pos_embed.copy_(sincos_2d(2 * g, cfg.pix_width))
+        nn.init.trunc_normal_(self.semantic_decoder.pos_embed[:, -1:], std=0.02)  # the class slot
         nn.init.trunc_normal_(self.encoder.cls_token, std=0.02)
         nn.init.trunc_normal_(self.encoder.mask_token, std=0.02)
 

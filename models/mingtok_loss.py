@@ -4,8 +4,10 @@
     (b) semantic: semantic features at masked positions -> MLP -> text-aligned teacher features
     (c) pixel:    L1 between the pixel decoder's output and the image, for masked and
                   unmasked inputs alike (a sample whose mask row is all False is unmasked)
-    (d) text:     pooled semantic features -> Linear -> contrastive against locked caption
-                  embeddings (several images may share a caption: all of them are positives)
+    (d) text:     pooled semantic features -> Linear -> contrastive against the locked
+                  embeddings of every caption of the corpus (the image's own caption is the
+                  positive; all others, including near misses like "a red square" for "a red
+                  circle", are negatives, which a batch alone rarely holds)
 
 Teachers live outside (pipelines/tokenizer/teachers.py): this module takes their features
 as tensors, so any teacher whose features form a patch grid fits.
@@ -42,12 +44,6 @@ def regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(pred.float(), target)
 
 
-def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """-log of the softmax mass on the positives, averaged over rows; logits (B, B)."""
-    log_prob = logits.log_softmax(dim=-1)
-    return -(torch.logsumexp(log_prob.masked_fill(~positives, -torch.inf), dim=-1)).mean()
-
-
 class MIMObjective(nn.Module):
     def __init__(self, model: MingTok, latent_teacher_dim: int, semantic_teacher_dim: int, text_dim: int):
         super().__init__()
@@ -57,11 +53,11 @@ class MIMObjective(nn.Module):
         self.text_proj = nn.Linear(cfg.semantic_dim, text_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def contrastive(self, pooled: torch.Tensor, text: torch.Tensor, same_caption: torch.Tensor):
-        """pooled (B, D), text (B, E) locked caption embeddings, same_caption (B, B) bool."""
+    def contrastive(self, pooled: torch.Tensor, text_table: torch.Tensor, caption: torch.Tensor):
+        """pooled (B, D), text_table (U, E) locked caption embeddings, caption (B,) indices."""
         image = F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ F.normalize(text, dim=-1).T
-        return (multi_positive_nce(logits, same_caption) + multi_positive_nce(logits.T, same_caption.T)) / 2
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ F.normalize(text_table, dim=-1).T
+        return F.cross_entropy(logits, caption)  # (B, U) -> the image's own caption
 
     def forward(
         self,
@@ -70,8 +66,8 @@ class MIMObjective(nn.Module):
         mask: torch.Tensor,  # (B, N) bool, True = masked at the encoder input
         latent_targets: torch.Tensor,  # (B, N, Ta) teacher image features of the unmasked image
         semantic_targets: torch.Tensor,  # (B, N, Tb) text-aligned teacher features
-        text: torch.Tensor,  # (B, E) caption embeddings
-        same_caption: torch.Tensor,  # (B, B) bool
+        text_table: torch.Tensor,  # (U, E) embeddings of every caption
+        caption: torch.Tensor,  # (B,) index of each image's caption in text_table
         weights: LossWeights,
     ) -> dict[str, torch.Tensor]:
         latents = model.encode_all(images, mask)  # (B, N + 1, L), class token last
@@ -86,7 +82,7 @@ class MIMObjective(nn.Module):
         else:  # keep every parameter in the graph, so DDP sees the same ones each step
             losses["latent"] = 0.0 * sum(p.sum() for p in self.latent_head.parameters())
             losses["semantic"] = 0.0 * sum(p.sum() for p in self.semantic_head.parameters())
-        losses["text"] = self.contrastive(features.mean(dim=1), text, same_caption)
+        losses["text"] = self.contrastive(features.mean(dim=1), text_table, caption)
         losses["total"] = sum(getattr(weights, name) * value for name, value in losses.items())
         losses["recon"] = recon.detach()
         return losses

@@ -11,9 +11,14 @@ import sys
 
 import click
 
+from uniloom.pipelines.commands.bench import bench
 from uniloom.pipelines.commands.corpus import corpus
+from uniloom.pipelines.commands.data import data
+from uniloom.pipelines.commands.evaluate import edit, evaluate, generate
 from uniloom.pipelines.commands.run import run
 from uniloom.pipelines.commands.submit import submit
+from uniloom.pipelines.commands.tokenizer import tokenizer
+from uniloom.pipelines.commands.train import train
 from uniloom.pipelines.errors import UniloomError
 
 
@@ -24,8 +29,15 @@ def cli() -> None:
 
 
 cli.add_command(corpus)
+cli.add_command(data)
 cli.add_command(run)
+cli.add_command(evaluate)
+cli.add_command(generate)
+cli.add_command(edit)
 cli.add_command(submit)
+cli.add_command(tokenizer)
+cli.add_command(bench)
+cli.add_command(train)
 
 
 def main() -> None:

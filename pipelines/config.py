@@ -19,7 +19,11 @@ import yaml
 
 from uniloom.models.mingtok_config import MingTokConfig
 from uniloom.models.univision_config import UniVisionConfig
+from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.errors import ConfigError
+from uniloom.pipelines.evaluate.config import EvalConfig
+from uniloom.pipelines.tokenizer.config import TokenizerConfig
+from uniloom.pipelines.train.config import TrainConfig
 
 
 @dataclass
@@ -57,7 +61,11 @@ class UniloomConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mingtok: MingTokConfig = field(default_factory=MingTokConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: UniVisionConfig = field(default_factory=UniVisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,145 @@
+"""`uniloom bench`: throughput measurements, printed side by side from one run.
+
+Speed claims live here, never in tests. Each subcommand measures on this machine and says
+what it measured on (threads, device)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from uniloom.pipelines.commands.options import config_options, emit, json_option
+
+
+@click.group()
+def bench() -> None:
+    """Measure throughput of the pieces of the system."""
+
+
+def _rate(fn, images: int, iters: int, sync) -> float:
+    fn()  # warm-up: allocations, kernel selection
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return images * iters / (time.perf_counter() - start)
+
+
+def measure_mingtok(cfg, device: str, batch: int, iters: int) -> dict[str, float]:
+    """Images/s of encode, semantic decode, pixel decode, full decode; and latents/s of
+    incremental (KV-cached, one latent at a time) semantic decoding."""
+    import torch
+
+    from uniloom.models.mingtok import MingTok
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = MingTok(cfg).to(device=device, dtype=dtype).eval()
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype) * 2 - 1
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        latents = model.encode(images)
+        features = model.decode_semantic(latents)
+
+        def incremental():
+            cache = model.new_semantic_cache(batch)
+            for t in range(latents.shape[1]):
+                model.decode_semantic(latents[:, t : t + 1], cache)
+
+        out = {
+            "encode_images_per_s": _rate(lambda: model.encode(images), batch, iters, sync),
+            "semantic_decode_images_per_s": _rate(lambda: model.decode_semantic(latents), batch, iters, sync),
+            "pixel_decode_images_per_s": _rate(lambda: model.decode_pixels(features), batch, iters, sync),
+            "decode_images_per_s": _rate(
+                lambda: model.decode_pixels(model.decode_semantic(latents)), batch, iters, sync
+            ),
+            "incremental_semantic_latents_per_s": _rate(incremental, batch * latents.shape[1], 1, sync),
+        }
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+@bench.command(name="tokenizer")
+@click.option("--batch", default=16, show_default=True, help="Images per call.")
+@click.option("--iters", default=5, show_default=True, help="Timed calls per measurement.")
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+@config_options
+@json_option
+def tokenizer_bench(batch: int, iters: int, threads: int, cfg, as_json: bool) -> None:
+    """MingTok encode/decode images/s: the chosen preset on CPU, and the paper preset at
+    512 px on CUDA when a GPU is present."""
+    import os
+
+    import torch
+
+    from uniloom.pipelines.config import load_config
+
+    torch.set_num_threads(threads)
+    m = cfg.mingtok
+    click.echo(
+        f"{cfg.preset} ({m.image_size} px, {m.num_tokens} latents) on CPU, {threads} threads", err=True
+    )
+    summary = {f"{cfg.preset}_cpu_{k}": v for k, v in measure_mingtok(m, "cpu", batch, iters).items()}
+    summary.update(
+        {"threads": threads, "cpu_count": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+    )
+    if torch.cuda.is_available():
+        paper = load_config("paper").mingtok
+        click.echo(f"paper ({paper.image_size} px) on {torch.cuda.get_device_name()}, bf16", err=True)
+        for k, v in measure_mingtok(paper, "cuda", batch, iters).items():
+            summary[f"paper_cuda_{k}"] = v
+    else:
+        summary["paper_cuda"] = "skipped: no CUDA device on this machine"
+    emit(summary, as_json)
+
+
+@bench.command(name="data")
+@click.option(
+    "--images", default=20000, show_default=True, help="Synthetic images (>= 10000 amortises start-up)."
+)
+@click.option(
+    "--shards", default=20, show_default=True, help="Input shards; one of them is changed for a rerun."
+)
+@click.option("--work", type=click.Path(file_okay=False), help="Working folder [default: a temporary one].")
+@config_options
+@json_option
+def data_bench(images: int, shards: int, work: str | None, cfg, as_json: bool) -> None:
+    """Data stage: pipeline vs single-process ceiling images/s, unchanged and one-shard
+    reruns vs the full run, and the peak memory of the whole process tree."""
+    import tempfile
+    from pathlib import Path
+
+    from uniloom.pipelines.data.bench import bench_data
+
+    def echo(line: str) -> None:
+        click.echo(line, err=True)
+
+    with tempfile.TemporaryDirectory(prefix="uniloom-bench-data-") as tmp:
+        summary = bench_data(cfg, Path(work or tmp), images, shards, echo)
+    emit(summary, as_json)
+
+
+@bench.command(name="train")
+@click.option("--workers", type=int, help="Ray Train workers [config: train.workers].")
+@click.option("--steps", default=10, show_default=True, help="Optimizer steps per timed window.")
+@click.option("--rounds", default=3, show_default=True, help="Timed windows of each side, alternating.")
+@click.option(
+    "--images", default=512, show_default=True, help="Rendered scenes the data stage tokenizes for the bench."
+)
+@click.option("--work", type=click.Path(file_okay=False), help="Working folder [default: a temporary one].")
+@config_options
+@json_option
+def train_bench(workers, steps: int, rounds: int, images: int, work, cfg, as_json: bool) -> None:
+    """Training: tokens/s per worker of Ray Train + DeepSpeed (expert parallel, ZeRO)
+    over tokens/s of a plain PyTorch loop, same model, batches and threads, measured in
+    alternating windows inside one run."""
+    from pathlib import Path
+
+    from uniloom.pipelines.train.bench import bench_train
+    from uniloom.pipelines.train.trainer import ray_output_on_stderr
+
+    with ray_output_on_stderr():
+        summary = bench_train(cfg, workers or cfg.train.workers, steps, rounds, images, Path(work) if work else None,
+                              echo=lambda line: click.echo(line, err=True))  # fmt: skip
+    emit(summary, as_json)

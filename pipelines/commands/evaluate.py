@@ -1,0 +1,107 @@
+"""`uniloom eval`, `uniloom generate`, `uniloom edit`: the unified model at work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from uniloom.pipelines.commands.options import config_options, emit, json_option
+from uniloom.pipelines.errors import UniloomError
+
+MODEL_HELP = "Exported safetensors file or MLflow URI, e.g. models:/uniloom-univision@champion [default: the workspace's export]."
+
+
+def _save(images, out: Path, stem: str) -> list[str]:
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(images):
+        path = out / f"{stem}-{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@click.command("eval")
+@click.option("--model", help=MODEL_HELP)
+@config_options
+@json_option
+def evaluate(model: str | None, cfg, as_json: bool) -> None:
+    """Score the unified model on held-out scenes: GenEval-style generation, VQA, editing."""
+    from uniloom.pipelines.evaluate.loading import resolve_model
+    from uniloom.pipelines.evaluate.univision import evaluate_bundle, gate_passes
+
+    bundle = resolve_model(cfg, model)
+    click.echo(f"evaluating on {cfg.eval.scenes} held-out scenes", err=True)
+    scores, _ = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed)
+    passed, failures = gate_passes(scores, cfg.eval.gate)
+    emit(
+        {**{k: round(v, 4) for k, v in scores.items()}, "gate_passed": passed, "gate_failures": failures},
+        as_json,
+    )
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", help=MODEL_HELP)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default="generated", show_default=True
+)
+@click.option("--num", type=int, default=1, show_default=True, help="Images for the prompt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@config_options
+@json_option
+def generate(prompt: str, model: str | None, out: Path, num: int, seed: int, cfg, as_json: bool) -> None:
+    """Generate images from a text PROMPT."""
+    import torch
+
+    from uniloom.models.generation import generate as generate_images
+    from uniloom.pipelines.evaluate.loading import resolve_model
+    from uniloom.pipelines.tokenizer.data import to_uint8
+
+    if not prompt.strip():
+        raise UniloomError("the prompt is empty")
+    if num < 1:
+        raise UniloomError(f"--num must be at least 1, got {num}")
+    bundle = resolve_model(cfg, model)
+    ids = bundle.encode(prompt)
+    with torch.no_grad():
+        turn = generate_images(
+            bundle.model, bundle.tokenizer, [ids] * num, generator=torch.Generator().manual_seed(seed)
+        )
+    emit({"prompt": prompt, "images": _save(to_uint8(turn.images), out, "generated")}, as_json)
+
+
+@click.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--instruction", "instructions", multiple=True, required=True, help="One per round, in order.")
+@click.option("--model", help=MODEL_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="edited", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@config_options
+@json_option
+def edit(
+    image: Path, instructions: tuple[str, ...], model: str | None, out: Path, seed: int, cfg, as_json: bool
+) -> None:
+    """Edit IMAGE over one or more rounds; later rounds continue from the model's cache."""
+    import torch
+
+    from uniloom.models.generation import edit as edit_round
+    from uniloom.pipelines.evaluate.loading import resolve_model
+    from uniloom.pipelines.tokenizer.data import decode_image, to_uint8, to_unit
+
+    if any(not text.strip() for text in instructions):
+        raise UniloomError("an --instruction is empty")
+    bundle = resolve_model(cfg, model)
+    pixels = decode_image(image.read_bytes(), bundle.tokenizer.cfg.image_size, str(image))
+    source = to_unit(pixels[None])
+    state, paths, gen = None, [], torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for round_index, text in enumerate(instructions):
+            turn = edit_round(bundle.model, bundle.tokenizer, state, [bundle.encode(text)],
+                              source_images=source if state is None else None, generator=gen)  # fmt: skip
+            state = turn.state
+            paths += _save(to_uint8(turn.images), out, f"round{round_index + 1}")
+    emit({"image": str(image), "instructions": list(instructions), "images": paths}, as_json)

@@ -1,0 +1,224 @@
+"""`uniloom bench data`: the data stage measured against its own ceiling, in one run.
+
+ceiling    the same decode, resize, edit render, MingTok encode and Parquet write, in a
+           tight single-process loop over the same shards, torch threads = the total
+           the pipeline's actors use (actors x threads per actor)
+full run   the pipeline over all shards (Ray already started: its start-up, like the
+           BPE training, is reported separately)
+reruns     nothing changed; then 1 of the shards changed
+memory     peak proportional set size (PSS) of this process and every process under it
+           (Ray's GCS, raylet, workers, actors) during the full run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from uniloom.pipelines.config import CorpusConfig, UniloomConfig
+from uniloom.pipelines.corpus.synth import synth_sample, synthesize, write_tar
+from uniloom.pipelines.data import text_tokenizer
+from uniloom.pipelines.data.commit import write_parquet
+from uniloom.pipelines.data.discovery import discover
+from uniloom.pipelines.data.fs import open_fs
+from uniloom.pipelines.data.image_tokenizer import Encoder, resolve_weights, save_random_weights
+from uniloom.pipelines.data.images import EditTargets, Load, Open, ParseMeta, ResizeCrop
+from uniloom.pipelines.data.manifest import code_version
+from uniloom.pipelines.data.readers import InputShard, read_shard
+from uniloom.pipelines.data.runner import run
+from uniloom.pipelines.data.schema import fixed_binary
+from uniloom.pipelines.data.stages import OK, Batch
+from uniloom.pipelines.errors import UniloomError
+
+
+class PeakMemory:
+    """Samples the PSS of this process tree every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self.samples = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _total(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def ceiling(cfg: UniloomConfig, shards: list[InputShard], out: Path) -> tuple[int, float]:
+    """The same per-row work as the pipeline, none of its machinery, in this process:
+    (images, seconds)."""
+    import torch
+
+    d, e = cfg.data, cfg.data.exec
+    threads = e.encode_actors * e.torch_threads
+    torch.set_num_threads(threads)
+    S = cfg.mingtok.image_size
+    stages = [ParseMeta(), Open(d.max_pixels), Load(), ResizeCrop(S), EditTargets(S)]
+    encoder = Encoder(asdict(cfg.mingtok), d.tokenizer_weights, d.storage_options, asdict(e), d.latent_dtype)
+    torch.set_num_threads(threads)  # the Encoder sets its per-actor count
+    fs, root = open_fs(str(out))
+    fs.makedirs(f"{root}/_tmp", exist_ok=True)
+    images, start = 0, time.perf_counter()
+    for shard in shards:
+        tables = []
+        for block in read_shard(shard, d):
+            batch = Batch(block)
+            for stage in stages:
+                stage(batch)
+            live = batch.status == OK
+            edit = live & batch.values.get("has_edit", np.zeros(batch.n, bool))
+            latents = np.zeros((batch.n, cfg.mingtok.num_tokens, cfg.mingtok.latent_dim), encoder.dtype)
+            edit_latents = np.zeros_like(latents)
+            latents[live] = encoder.encode(batch.values["pixels"][live])
+            edit_latents[edit] = encoder.encode(batch.values["edit_pixels"][edit])
+            columns = [block.column("key"), fixed_binary(latents, live), fixed_binary(edit_latents, edit)]
+            tables.append(pa.table(columns, names=["key", "latents", "edit_latents"]).filter(pa.array(live)))
+            images += int(live.sum())
+        write_parquet(fs, root, pa.concat_tables(tables), f"{root}/{shard.id}.parquet")
+    return images, time.perf_counter() - start
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "shards").iterdir())}
+
+
+def _timed_run(cfg, corpus: str, out: Path) -> tuple[dict, float, set[str]]:
+    before = _mtimes(out) if (out / "shards").exists() else {}
+    start = time.perf_counter()
+    summary = run(cfg, [corpus], str(out))
+    seconds = time.perf_counter() - start
+    after = _mtimes(out)
+    return summary, seconds, {k for k, v in after.items() if before.get(k) != v}
+
+
+def _check_code(before: str) -> None:
+    """In a shared checkout someone may edit the stage's code mid-bench: every shard is
+    then legitimately stale and the reruns measure nothing, so say so and stop."""
+    if code_version() != before:
+        raise UniloomError("the data stage's source files changed during the bench; rerun it")
+
+
+def _change_shard(cfg: UniloomConfig, corpus: Path, shard: int, shards: int, images: int) -> str:
+    """Re-render one shard's scenes from another seed: same size, different content."""
+    bounds = np.linspace(0, images, shards + 1).astype(int)
+    other = CorpusConfig(num=images, shards=shards, size=cfg.mingtok.image_size, seed=cfg.corpus.seed + 1)
+    path = corpus / f"shapes-{shard:05d}.tar"
+    write_tar(path, (synth_sample(other, i) for i in range(bounds[shard], bounds[shard + 1])))
+    return path.name
+
+
+def bench_data(cfg: UniloomConfig, work: Path, images: int, shards: int, echo) -> dict[str, Any]:
+    from uniloom.pipelines.raycluster import init_ray
+
+    load = [round(x, 2) for x in os.getloadavg()]
+    corpus, out = work / "corpus", work / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.tokenizer_weights:
+        cfg.data.tokenizer_weights = save_random_weights(cfg.mingtok, str(work / "mingtok.safetensors"))
+    uri, _, arch = resolve_weights(cfg)  # the ceiling encodes with the weights' own architecture
+    cfg = dataclasses.replace(cfg, mingtok=arch, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
+    start = time.perf_counter()
+    corpus_cfg = CorpusConfig(num=images, shards=shards, size=arch.image_size, seed=cfg.corpus.seed)
+    synthesize(corpus_cfg, corpus)
+    setup_s = time.perf_counter() - start
+
+    echo(f"corpus: {images} images in {shards} shards ({setup_s:.1f} s); training the BPE")
+    start = time.perf_counter()
+    tok = text_tokenizer.train_bpe(
+        text_tokenizer.training_texts(discover([str(corpus)], cfg.data), cfg.data),
+        cfg.data.bpe_vocab_size,
+        cfg.data.bpe_min_frequency,
+    )
+    cfg.data.text_tokenizer = text_tokenizer.save_beside(tok, str(work), {}).uri
+    bpe_s = time.perf_counter() - start
+    start = time.perf_counter()
+    init_ray(cfg.ray)
+    ray_s = time.perf_counter() - start
+
+    # The ceiling runs on half the shards before the pipeline and half after, so a change
+    # in the machine's load during the bench weighs on both sides alike.
+    inputs = discover([str(corpus)], cfg.data)
+    echo("ceiling, first half: single-process loop")
+    images_a, seconds_a = ceiling(cfg, inputs[0::2], work / "ceiling")
+    echo(f"ceiling: {images_a / seconds_a:.1f} images/s; full pipeline run")
+    code = code_version()
+    with PeakMemory() as memory:
+        full, full_s, _ = _timed_run(cfg, str(corpus), out)
+    echo(f"full run: {full_s:.1f} s; ceiling, second half")
+    images_b, seconds_b = ceiling(cfg, inputs[1::2], work / "ceiling")
+    top = {"images_per_s": round((images_a + images_b) / (seconds_a + seconds_b), 1)}
+    top["torch_threads"] = cfg.data.exec.encode_actors * cfg.data.exec.torch_threads
+    echo("rerun with nothing changed")
+    _check_code(code)
+    same, same_s, same_rewritten = _timed_run(cfg, str(corpus), out)
+    changed = _change_shard(cfg, corpus, shards // 3, shards, images)
+    echo(f"rerun with {changed} changed")
+    one, one_s, one_rewritten = _timed_run(cfg, str(corpus), out)
+    _check_code(code)
+    pipeline_ips = full["rows"]["read"] / full_s
+    return {
+        "images": images,
+        "shards": shards,
+        "preset": cfg.preset,
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": load,
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "startup_s": {
+            "ray_init": round(ray_s, 2),
+            "bpe_train": round(bpe_s, 2),
+            "corpus_synth": round(setup_s, 2),
+        },
+        "ceiling_images_per_s": top["images_per_s"],
+        "ceiling_torch_threads": top["torch_threads"],
+        "ceiling_halves_images_per_s": [round(images_a / seconds_a, 1), round(images_b / seconds_b, 1)],
+        "pipeline_images_per_s": round(pipeline_ips, 1),
+        "pipeline_actors_x_threads": f"{cfg.data.exec.encode_actors}x{cfg.data.exec.torch_threads}",
+        "efficiency": round(pipeline_ips / top["images_per_s"], 3),
+        "full_run_s": round(full_s, 2),
+        "full_run_rows": full["rows"],
+        "unchanged_rerun_s": round(same_s, 3),
+        "unchanged_rerun_ratio": round(same_s / full_s, 4),
+        "unchanged_rerun_rewrote": sorted(same_rewritten),
+        "changed_shard": changed,
+        "one_changed_rerun_s": round(one_s, 2),
+        "one_changed_rerun_ratio": round(one_s / full_s, 4),
+        "one_changed_rerun_rewrote": sorted(one_rewritten),
+        "peak_memory_gib": round(memory.peak / 2**30, 3),
+        "memory_samples": memory.samples,
+        "pass": {
+            "efficiency>=0.8": pipeline_ips / top["images_per_s"] >= 0.8,
+            "unchanged<=5%": same_s <= 0.05 * full_s and not same_rewritten,
+            "one_changed<=15%": one_s <= 0.15 * full_s and one_rewritten == {f"{changed}.parquet"},
+            "peak_memory<=4GiB": memory.peak <= 4 * 2**30 if images >= 20000 else "needs --images 20000",
+        },
+    }

@@ -1,0 +1,256 @@
+"""The driver's side of a run: rows stream in from Ray Data in any order; each shard's rows
+are collected until its marker says it is complete, then shards commit in id order:
+
+  dedup against the global index -> write output, index, quarantine and filtered tables
+  under _tmp -> rename each into place -> record the shard in the manifest (the commit).
+
+Output layout under OUT:
+  shards/<shard>.parquet       the dataset (one file per input shard)
+  _quarantine/<shard>.parquet  rows that could not be used: source, key, reason
+  _filtered/<shard>.parquet    rows a filter rejected: source, key, reason (the filter)
+  _index/<shard>.parquet       dedup hashes of the kept rows
+  _manifest.json, tokenizer/, _tmp/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from uniloom.pipelines.data.dedup import DedupIndex, index_table
+from uniloom.pipelines.data.fs import join, replace, tmp_path
+from uniloom.pipelines.data.manifest import Manifest, StageIdentity, output_name, shard_fingerprint
+from uniloom.pipelines.data.readers import InputShard
+from uniloom.pipelines.data.schema import REJECTED_SCHEMA, output_schema
+from uniloom.pipelines.data.stages import END, ERROR, FILTERED, OK, QUARANTINED
+
+TABLES = {"output": "shards", "quarantine": "_quarantine", "filtered": "_filtered", "index": "_index"}
+
+
+@dataclass
+class OutputSpec:
+    """What every output row records about how it was made."""
+
+    image_size: int
+    latent_shape: tuple[int, int]
+    latent_dtype: str
+    text_tokenizer: str
+    image_tokenizer: str
+
+
+@dataclass
+class ShardBuffer:
+    shard: InputShard
+    tables: list[pa.Table] = field(default_factory=list)
+    seen: int = 0
+    expected: int | None = None  # set by the shard's marker row
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.seen == self.expected
+
+    def add(self, part: pa.Table) -> None:
+        status = part.column("status")
+        markers = part.filter(pc.greater_equal(status, END))
+        for row in markers.select(["status", "reason", "shard_rows"]).to_pylist():
+            self.expected = row["shard_rows"]
+            if row["status"] == ERROR:
+                self.error = row["reason"]
+        data = part.filter(pc.less(status, END))
+        self.seen += data.num_rows
+        if data.num_rows and self.error is None:
+            self.tables.append(data)
+
+
+def write_parquet(fs, root: str, table: pa.Table, path: str) -> None:
+    """Write under _tmp, then rename over `path`."""
+    tmp = tmp_path(root, ".parquet")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=1024)
+    replace(fs, tmp, path)
+
+
+def shard_paths(root: str, shard_id: str) -> dict[str, str]:
+    return {kind: join(root, folder, output_name(shard_id)) for kind, folder in TABLES.items()}
+
+
+class Committer:
+    def __init__(
+        self,
+        manifest: Manifest,
+        todo: list[InputShard],
+        hashes: dict[str, str],
+        stage: StageIdentity,
+        index: DedupIndex,
+        spec: OutputSpec,
+        on_commit: Callable[[str, dict[str, Any]], None] | None = None,
+    ):
+        self.manifest, self.hashes, self.stage, self.index, self.spec = manifest, hashes, stage, index, spec
+        self.buffers = {s.id: ShardBuffer(s) for s in todo}
+        self.order = [s.id for s in todo]
+        self.next = 0
+        self.committed: list[str] = []
+        self.errors: list[str] = []
+        self.on_commit = on_commit
+        self.schema = output_schema(spec.latent_shape, spec.latent_dtype)
+        fs, root = manifest.fs, manifest.root
+        for folder in ("_tmp", *TABLES.values()):
+            fs.makedirs(join(root, folder), exist_ok=True)
+
+    def add(self, block: pa.Table) -> None:
+        self.row_schema = block.schema  # markers carry it too, so a shard without rows has it
+        shards = block.column("shard")
+        for sid in pc.unique(shards).to_pylist():
+            self.buffers[sid].add(block.filter(pc.equal(shards, sid)))
+        self._drain()
+
+    def _drain(self) -> None:
+        while self.next < len(self.order) and self.buffers[self.order[self.next]].complete:
+            buf = self.buffers.pop(self.order[self.next])
+            if buf.error:
+                self.errors.append(buf.error)
+            else:
+                self.commit(buf)
+            self.next += 1
+
+    def finish(self) -> None:
+        self._drain()
+        if self.next < len(self.order):
+            raise RuntimeError(f"the stream ended before shard {self.order[self.next]} was complete")
+
+    def commit(self, buf: ShardBuffer) -> None:
+        shard = buf.shard
+        rows = pa.concat_tables(buf.tables) if buf.tables else self.row_schema.empty_table()
+        rows = rows.sort_by("key")
+        ok = rows.filter(pc.equal(rows.column("status"), OK))
+        shas = ok.column("sha").to_pylist()
+        phashes = ok.column("phash").to_numpy(zero_copy_only=False)
+        keep, dup_reasons, owners = self.index.decide(shas, phashes)
+        kept = ok.filter(pa.array(keep, pa.bool_()))
+        rejected = self._rejected(shard, rows, ok, keep, dup_reasons)
+        counts = self._counts(buf.expected, kept, rejected)
+        self._write(shard, kept, rejected)
+        self.index.add(shard.id, kept.column("sha").to_pylist(), phashes[keep])
+        self.manifest.shards[shard.id] = {
+            "source": shard.uri,
+            "format": shard.format,
+            "input_hash": self.hashes[shard.id],
+            "stage": dataclasses.asdict(self.stage),
+            "fingerprint": shard_fingerprint(self.hashes[shard.id], self.stage),
+            "output": f"{TABLES['output']}/{output_name(shard.id)}",
+            "rows": counts,
+            "dedup_against": sorted(owners - {shard.id}),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.manifest.save()
+        self.committed.append(shard.id)
+        if self.on_commit:
+            self.on_commit(shard.id, counts)
+
+    def _rejected(self, shard, rows, ok, keep, dup_reasons) -> dict[str, pa.Table]:
+        """(source, key, reason) of quarantined rows, and of filtered rows with dedup's."""
+        out = {}
+        for kind, code in (("quarantine", QUARANTINED), ("filtered", FILTERED)):
+            part = rows.filter(pc.equal(rows.column("status"), code))
+            keys, reasons = part.column("key").to_pylist(), part.column("reason").to_pylist()
+            if kind == "filtered":
+                dropped = np.flatnonzero(~keep)
+                keys += ok.column("key").take(pa.array(dropped, pa.int64())).to_pylist()
+                reasons += [dup_reasons[i] for i in dropped]
+            out[kind] = pa.table(
+                {"source": pa.repeat(shard.uri, len(keys)), "key": keys, "reason": reasons},
+                schema=REJECTED_SCHEMA,
+            )
+        return out
+
+    @staticmethod
+    def _counts(read: int, kept: pa.Table, rejected: dict[str, pa.Table]) -> dict[str, Any]:
+        filtered = dict(sorted(Counter(rejected["filtered"].column("reason").to_pylist()).items()))
+        quarantined = rejected["quarantine"].num_rows
+        if read != kept.num_rows + sum(filtered.values()) + quarantined:  # a bug, never bad input
+            raise RuntimeError(
+                f"row accounting broke: {read} read, {kept.num_rows} kept, {filtered}, {quarantined}"
+            )
+        return {"read": read, "written": kept.num_rows, "filtered": filtered, "quarantined": quarantined}
+
+    def _write(self, shard: InputShard, kept: pa.Table, rejected: dict[str, pa.Table]) -> None:
+        """Side tables first, the output last; the manifest (by the caller) commits them."""
+        fs, root = self.manifest.fs, self.manifest.root
+        paths = shard_paths(root, shard.id)
+        shas, phashes = kept.column("sha").to_pylist(), kept.column("phash").to_numpy(zero_copy_only=False)
+        tables = {
+            "quarantine": rejected["quarantine"],
+            "filtered": rejected["filtered"],
+            "index": index_table(kept.column("key").to_pylist(), shas, phashes),
+            "output": self._output_table(shard, kept),
+        }
+        for kind, table in tables.items():
+            write_parquet(fs, root, table, paths[kind])
+
+    def _output_table(self, shard: InputShard, kept: pa.Table | None) -> pa.Table:
+        if kept.num_rows == 0:
+            return self.schema.empty_table()
+        n, spec = kept.num_rows, self.spec
+        col = kept.column
+        columns = {
+            "key": col("key"),
+            "source": pa.repeat(shard.uri, n),
+            "caption": col("caption"),
+            "text_ids": col("text_ids"),
+            "latents": col("latents").cast(pa.binary()),
+            "latent_shape": pa.repeat(pa.scalar(list(spec.latent_shape), pa.list_(pa.int32())), n),
+            "latent_dtype": pa.repeat(spec.latent_dtype, n),
+            "width": col("width"),
+            "height": col("height"),
+            "image_size": pa.repeat(pa.scalar(spec.image_size, pa.int32()), n),
+            "content_hash": pa.array([s.hex() for s in col("sha").to_pylist()], pa.string()),
+            "text_tokenizer": pa.repeat(spec.text_tokenizer, n),
+            "image_tokenizer": pa.repeat(spec.image_tokenizer, n),
+            "edit_latents": col("edit_latents").cast(pa.binary()),
+        }
+        for name in (
+            "meta",
+            "vqa",
+            "vqa_question_ids",
+            "vqa_answer_ids",
+            "edit_instruction",
+            "edit_instruction_ids",
+        ):
+            columns[name] = col(name)
+        return pa.table([columns[f.name] for f in self.schema], schema=self.schema)
+
+
+def remove_shard(manifest: Manifest, shard_id: str) -> None:
+    """An input disappeared: forget it in the manifest first, then delete its files."""
+    manifest.shards.pop(shard_id, None)
+    manifest.save()
+    for path in shard_paths(manifest.root, shard_id).values():
+        if manifest.fs.exists(path):
+            manifest.fs.rm(path)
+
+
+def sweep(manifest: Manifest) -> int:
+    """Delete what a killed run left behind: temporary files, and table files that no
+    manifest entry owns (renamed into place just before the kill, never committed)."""
+    fs, root = manifest.fs, manifest.root
+    owned = {output_name(sid) for sid in manifest.shards}
+    removed = 0
+    for folder in ("_tmp", *TABLES.values()):
+        path = join(root, folder)
+        if not fs.exists(path):
+            continue
+        for f in fs.ls(path, detail=False):
+            if folder == "_tmp" or f.rsplit("/", 1)[-1] not in owned:
+                fs.rm(f)
+                removed += 1
+    return removed

@@ -1,0 +1,57 @@
+"""The `data:` section of the config. Its own module (no torch, no Ray) so that loading a
+config stays cheap; pipelines/config.py holds it as `UniloomConfig.data`.
+
+Everything here except `exec` and `storage_options` decides what the output rows are, so
+it is part of every shard's fingerprint; `exec` only decides how fast they are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class FilterConfig:
+    """Which rows to keep. A row failing a filter is counted under the filter's name."""
+
+    min_side: int = 32  # pixels, of the decoded image's shorter side
+    max_aspect: float = 3.0  # longer side / shorter side
+    min_caption_chars: int = 1
+    max_caption_chars: int = 1000
+    exact_dedup: bool = True  # by a hash of the decoded pixels, across shards and reruns
+    near_dup_bits: int = -1  # perceptual-hash Hamming distance counted as a duplicate; -1: off
+
+
+@dataclass
+class DataExecConfig:
+    """How the pipeline runs: excluded from fingerprints, so changing it reprocesses nothing."""
+
+    block_rows: int = 256  # rows per block that a reader emits
+    task_cpus: float = 0.5  # logical CPUs per read/decode task (fractional: 2-core machines)
+    encode_actors: int = 2  # MingTok actors in the pool, one model load each
+    actor_cpus: float = 0.5
+    actor_gpus: float = 0.0  # GPUs per actor on clusters
+    encode_batch: int = 128  # images per MingTok forward
+    torch_threads: int = 1  # intra-op threads per actor (and of the bench's ceiling loop)
+
+
+@dataclass
+class DataConfig:
+    format: Literal["auto", "webdataset", "parquet", "hf", "imagefolder", "folder"] = "auto"
+    # Field names, first present wins: Parquet/HF column names, webdataset member
+    # extensions ("png", "txt") and sidecar extensions of image folders.
+    image_fields: list[str] = field(default_factory=lambda: ["image", "jpg", "jpeg", "png", "webp"])
+    caption_fields: list[str] = field(default_factory=lambda: ["caption", "txt", "text"])
+    key_field: str = "key"  # Parquet/HF column with the sample key; absent: the row index
+    max_pixels: int = 40_000_000  # decoded images above this are quarantined (decompression bombs)
+    latent_dtype: Literal["float32", "float16"] = "float32"
+    tokenizer_weights: str = ""  # MingTok safetensors from `uniloom tokenizer train`
+    text_tokenizer: str = ""  # a byte-level BPE tokenizer.json; empty: train one on the captions
+    bpe_vocab_size: int = 4096
+    bpe_min_frequency: int = 2
+    bpe_max_captions: int = 1_000_000  # captions read to train the BPE
+    edit_targets: bool = True  # render and encode the target scene of rows with an "edit"
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, ...)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    exec: DataExecConfig = field(default_factory=DataExecConfig)

@@ -1,0 +1,143 @@
+"""Finding the input shards under one or more URLs, and the content hash of each shard
+(the input part of its fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data.fs import open_fs, to_uri
+from uniloom.pipelines.data.readers import IMAGE_EXTS, InputShard
+from uniloom.pipelines.errors import UniloomError
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _ext(path: str) -> str:
+    return posixpath.splitext(path)[1][1:].lower()
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def detect(files: list[str], uri: str) -> str:
+    names = {posixpath.basename(p) for p in files}
+    if "metadata.jsonl" in names:
+        return "imagefolder"
+    if any(p.endswith(TAR_SUFFIXES) for p in files):
+        return "webdataset"
+    if any(p.endswith(".arrow") for p in files):
+        return "hf"
+    if any(p.endswith(".parquet") for p in files):
+        return "parquet"
+    if any(_ext(p) in IMAGE_EXTS for p in files):
+        return "folder"
+    raise UniloomError(
+        f"no input shards under {uri}: expected webdataset tars, Parquet files, a Hugging Face "
+        "dataset folder, an imagefolder with metadata.jsonl, or images with .txt captions"
+    )
+
+
+def _file_shards(suffixes: tuple[str, ...], skip: Callable[[str], bool] = lambda name: False):
+    """One shard per file with one of `suffixes`."""
+
+    def split(files: dict[str, dict], root: str) -> list[tuple[str, str, list[str]]]:
+        return [
+            (posixpath.relpath(p, root), p, [p])
+            for p in sorted(files)
+            if p.endswith(suffixes) and not skip(posixpath.basename(p))
+        ]
+
+    return split
+
+
+def _imagefolder_shards(files: dict[str, dict], root: str):
+    folders = sorted(posixpath.dirname(p) for p in files if posixpath.basename(p) == "metadata.jsonl")
+    out = []
+    for folder in folders:
+        members = [p for p in sorted(files) if p.startswith(folder + "/") and (
+            posixpath.basename(p) == "metadata.jsonl" or _ext(p) in IMAGE_EXTS
+        )]  # fmt: skip
+        out.append((posixpath.relpath(folder, root), folder, members))
+    return out
+
+
+def _folder_shards(files: dict[str, dict], root: str):
+    by_dir: dict[str, list[str]] = {}
+    for p in sorted(files):
+        by_dir.setdefault(posixpath.dirname(p), []).append(p)
+    return [
+        (posixpath.relpath(d, root), d, members)
+        for d, members in sorted(by_dir.items())
+        if any(_ext(p) in IMAGE_EXTS for p in members)
+    ]
+
+
+SPLITTERS = {
+    "webdataset": _file_shards(TAR_SUFFIXES),
+    "parquet": _file_shards((".parquet",)),
+    "hf": _file_shards((".arrow",), skip=lambda name: name.startswith("cache-")),
+    "imagefolder": _imagefolder_shards,
+    "folder": _folder_shards,
+}
+
+
+def discover(inputs: list[str], cfg: DataConfig) -> list[InputShard]:
+    """Every input shard under `inputs`, sorted by id. Ids are paths relative to their
+    input (prefixed by the input's name when there are several), so they stay stable."""
+    shards: dict[str, InputShard] = {}
+    for uri in inputs:
+        fs, path = open_fs(uri, cfg.storage_options)
+        path = path.rstrip("/") or path
+        if not fs.exists(path):
+            raise UniloomError(f"input {uri} does not exist")
+        if fs.isfile(path):
+            root, infos = posixpath.dirname(path), {path: fs.info(path)}
+        else:
+            root, infos = path, fs.find(path, detail=True)
+        infos = {p: i for p, i in infos.items() if not _hidden(posixpath.relpath(p, root))}
+        fmt = cfg.format if cfg.format != "auto" else detect(list(infos), uri)
+        prefix = posixpath.basename(root) if len(inputs) > 1 else ""
+        found = SPLITTERS[fmt](infos, root)
+        if not found:
+            raise UniloomError(f"no {fmt} shards under {uri}")
+        for rel, where, members in found:
+            sid = posixpath.join(prefix, rel) if prefix else rel
+            if sid in shards:
+                raise UniloomError(f"two inputs have a shard named {sid}; give the inputs distinct names")
+            stamps = tuple(_stamp(infos[m]) for m in members)
+            size = sum(int(infos[m].get("size") or 0) for m in members)
+            shards[sid] = InputShard(sid, to_uri(fs, where), fmt, tuple(members), size, stamps)
+    return [shards[k] for k in sorted(shards)]
+
+
+def _stamp(info: dict) -> str:
+    """A content hash the store already has (S3 ETag, GCS md5), or '' to hash ourselves."""
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}:{info.get('size')}"
+    return ""
+
+
+def content_hash(shard: InputShard, storage_options: dict) -> str:
+    fs, _ = open_fs(shard.uri, storage_options)
+    h = hashlib.blake2b(digest_size=16)
+    base = posixpath.dirname(shard.files[0]) if len(shard.files) == 1 else fs._strip_protocol(shard.uri)
+    for path, stamp in zip(shard.files, shard.stamps):
+        h.update(f"{posixpath.relpath(path, base)}\0{stamp}\0".encode())
+        if not stamp:
+            with fs.open(path, "rb", block_size=8 << 20) as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hashes(shards: list[InputShard], storage_options: dict, threads: int = 8) -> dict[str, str]:
+    """Hash all shards, several at once (hashlib releases the GIL; object stores are I/O)."""
+    with ThreadPoolExecutor(threads) as pool:
+        hashes = pool.map(lambda s: content_hash(s, storage_options), shards)
+        return {s.id: h for s, h in zip(shards, hashes)}

@@ -1,0 +1,178 @@
+"""Image stages: open (header only), load (decode, EXIF orientation, RGB), centre crop to
+the model's resolution, perceptual hash, and the rendered target scene of edit rows."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from uniloom.pipelines.data.stages import QUARANTINED, Batch, Quarantine, RowStage, Stage
+
+PHASH_SIDE = 32  # pHash: DCT of a 32x32 grey image, its 8x8 lowest frequencies
+
+
+class ParseMeta(RowStage):
+    """The sample's JSON (ground truth, VQA pairs, edit), parsed once for later stages."""
+
+    name = "parse_meta"
+    outputs = ("meta_obj",)
+
+    def row(self, batch: Batch, i: int) -> tuple:
+        text = batch.column("meta")[i]
+        if text is None:
+            return (None,)
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise Quarantine(f"meta is not valid JSON ({e})") from None
+        return (obj if isinstance(obj, dict) else None,)
+
+
+class Open(RowStage):
+    """Reads only the header: format and size, so oversized images and the size filters
+    cost no decoding."""
+
+    name = "open"
+    outputs = ("pil", "width", "height")
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+
+    def row(self, batch: Batch, i: int) -> tuple:
+        data = batch.column("image")[i]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Exception as e:  # untrusted bytes: any failure is this row's, never the run's
+            raise Quarantine(f"not a readable image ({e.__class__.__name__})") from None
+        w, h = img.size
+        if w * h > self.max_pixels:
+            raise Quarantine(f"{w}x{h} pixels exceed max_pixels {self.max_pixels}")
+        if w < 1 or h < 1:
+            raise Quarantine(f"empty image ({w}x{h})")
+        return img, w, h
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent pixels over white rather than black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class Load(RowStage):
+    """Decodes the pixels, applies the EXIF orientation, converts to RGB, and hashes the
+    pixels (exact dedup sees the same picture stored as PNG or as another file)."""
+
+    name = "load"
+    outputs = ("rgb", "sha", "width", "height")
+
+    def row(self, batch: Batch, i: int) -> tuple:
+        img = batch.values["pil"][i]
+        batch.values["pil"][i] = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+                img = _rgb(ImageOps.exif_transpose(img))
+        except Exception as e:  # truncated data, bad EXIF, odd modes: this row only
+            raise Quarantine(f"image does not decode ({e.__class__.__name__}: {e})") from None
+        digest = hashlib.blake2b(img.tobytes(), digest_size=16)
+        digest.update(f"{img.width}x{img.height}".encode())
+        return img, digest.digest(), img.width, img.height
+
+
+class ResizeCrop(Stage):
+    """Shorter side to `size`, centre crop to a square: (B, size, size, 3) uint8."""
+
+    name = "resize_crop"
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def process(self, batch: Batch, idx: np.ndarray) -> None:
+        S = self.size
+        pixels = np.zeros((batch.n, S, S, 3), dtype=np.uint8)
+        for i in idx.tolist():
+            img = batch.values["rgb"][i]
+            batch.values["rgb"][i] = None
+            side = min(img.width, img.height)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            box = (left, top, left + side, top + side)
+            if img.size == (S, S):
+                pixels[i] = np.asarray(img)
+            else:
+                pixels[i] = np.asarray(
+                    img.resize((S, S), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+                )
+        batch.values["pixels"] = pixels
+
+
+def phash(pixels: np.ndarray) -> np.ndarray:
+    """64-bit perceptual hashes of (B, S, S, 3) uint8 images, as uint64 (B,)."""
+    from scipy.fft import dctn
+
+    B, S = pixels.shape[0], pixels.shape[1]
+    grey = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (B, S, S)
+    if S % PHASH_SIDE == 0:
+        k = S // PHASH_SIDE
+        small = grey.reshape(B, PHASH_SIDE, k, PHASH_SIDE, k).mean(axis=(2, 4))
+    else:
+        small = np.stack(
+            [
+                np.asarray(Image.fromarray(g).resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.BOX))
+                for g in grey
+            ]
+        )
+    low = dctn(small, axes=(1, 2), norm="ortho")[:, :8, :8].reshape(B, 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8").reshape(B).astype(np.uint64)
+
+
+class PerceptualHash(Stage):
+    name = "phash"
+
+    def process(self, batch: Batch, idx: np.ndarray) -> None:
+        hashes = np.zeros(batch.n, dtype=np.uint64)
+        hashes[idx] = phash(batch.values["pixels"][idx])
+        batch.values["phash"] = hashes
+
+
+class EditTargets(Stage):
+    """Rows whose JSON has an edit (instruction + target objects, as the synthetic corpus
+    writes): render the target scene at the model's resolution, so the editing task has
+    its target latents."""
+
+    name = "edit_targets"
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def process(self, batch: Batch, idx: np.ndarray) -> None:
+        from uniloom.pipelines.corpus.render import render
+        from uniloom.pipelines.corpus.scenes import scene_objects
+
+        S = self.size
+        targets = np.zeros((batch.n, S, S, 3), dtype=np.uint8)
+        has = np.zeros(batch.n, dtype=bool)
+        for i in idx.tolist():
+            edit = (batch.values["meta_obj"][i] or {}).get("edit")
+            if not isinstance(edit, dict) or "objects" not in edit:
+                continue
+            try:
+                targets[i] = np.asarray(render(scene_objects(edit["objects"]), S))
+            except (KeyError, TypeError, ValueError) as e:
+                batch.reject(i, QUARANTINED, f"edit target does not render ({e.__class__.__name__}: {e})")
+                continue
+            has[i] = True
+        batch.values["edit_pixels"] = targets
+        batch.values["has_edit"] = has

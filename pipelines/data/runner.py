@@ -1,0 +1,187 @@
+"""A data run: find the input shards, compare them with the manifest, process exactly the
+new and stale ones on Ray Data, and commit each shard as it completes.
+
+    read task per shard -> blocks of data.exec.block_rows rows
+      -> actor pool: Prepare (decode, filter, crop, hash, tokenize text), which Ray Data
+         fuses with the MingTok encoder (latents, edit-target latents): one model per actor
+      -> driver: Committer (dedup, write, rename, manifest)
+
+Nothing starts Ray when nothing has to be processed, so an unchanged rerun costs only the
+listing and hashing of the inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from uniloom.pipelines.config import UniloomConfig
+from uniloom.pipelines.data import text_tokenizer
+from uniloom.pipelines.data.commit import Committer, OutputSpec, remove_shard, shard_paths, sweep
+from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data.dedup import DedupIndex
+from uniloom.pipelines.data.discovery import content_hashes, discover
+from uniloom.pipelines.data.fs import open_fs, to_uri
+from uniloom.pipelines.data.image_tokenizer import fingerprint as image_fingerprint
+from uniloom.pipelines.data.image_tokenizer import resolve_weights
+from uniloom.pipelines.data.manifest import Manifest, Plan, StageIdentity, code_version, config_hash, plan
+from uniloom.pipelines.data.readers import InputShard
+from uniloom.pipelines.errors import UniloomError
+
+
+def preflight(cfg: UniloomConfig, inputs: list[str]) -> None:
+    """The checks that need no work: weights exist and load, inputs exist and hold shards."""
+    if not inputs:
+        raise UniloomError("no --input given")
+    resolve_weights(cfg)
+    discover(inputs, cfg.data)
+
+
+def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool = True) -> dict[str, Any]:
+    """Everything up to the plan: the effective config (the MingTok weights' own
+    architecture, their resolved path), shards, hashes, tokenizers, stage identity."""
+    uri, weights, mingtok = resolve_weights(cfg)
+    cfg = dataclasses.replace(cfg, mingtok=mingtok, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
+    d = cfg.data
+    shards = discover(inputs, d)
+    hashes = content_hashes(shards, d.storage_options)
+    manifest = Manifest.load(output, d.storage_options)
+    text = text_tokenizer.resolve(d, manifest, shards, train)
+    stage = StageIdentity(
+        config=config_hash(d, cfg.mingtok),
+        text_tokenizer=text.fingerprint if text else "(to be trained)",
+        image_tokenizer=image_fingerprint(cfg.mingtok, weights),
+        code=code_version(),
+    )
+    return {
+        "cfg": cfg,
+        "shards": shards,
+        "hashes": hashes,
+        "manifest": manifest,
+        "text": text,
+        "stage": stage,
+        "plan": plan(shards, hashes, stage, manifest),
+    }
+
+
+def _load_index(d: DataConfig, manifest: Manifest, done: list[str]) -> DedupIndex:
+    import pyarrow.parquet as pq
+
+    index = DedupIndex(d.filters)
+    for sid in done:  # committed, up-to-date shards only: redone ones re-enter at commit
+        with manifest.fs.open(shard_paths(manifest.root, sid)["index"], "rb") as f:
+            index.add_table(sid, pq.read_table(f))
+    return index
+
+
+def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committer) -> float:
+    """Run the Ray Data pipeline over `todo`, feeding the committer; returns Ray's start-up
+    seconds (zero when Ray was already up)."""
+    from uniloom.pipelines.data.image_tokenizer import Encoder
+    from uniloom.pipelines.data.prepare import Prepare
+    from uniloom.pipelines.data.source import ShardSource
+    from uniloom.pipelines.raycluster import init_ray
+
+    start = time.perf_counter()
+    ray = init_ray(cfg.ray)
+    startup = time.perf_counter() - start
+    d, e = cfg.data, cfg.data.exec
+    ds = ray.data.read_datasource(ShardSource(todo, d), override_num_blocks=len(todo), num_cpus=e.task_cpus)
+    # Ray Data coalesces a read task's output into blocks of up to 128 MiB: a whole shard of
+    # compressed images. Blocks of block_rows rows let every actor work on one shard.
+    ds = ds.repartition(target_num_rows_per_block=e.block_rows)
+    ds = ds.map_batches(
+        Prepare(d, cfg.mingtok.image_size, text),
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=e.task_cpus,
+    )
+    ds = ds.map_batches(
+        Encoder,
+        fn_constructor_kwargs={
+            "mingtok": asdict(cfg.mingtok),
+            "weights_uri": d.tokenizer_weights,
+            "storage_options": d.storage_options,
+            "exec_cfg": asdict(e),
+            "latent_dtype": d.latent_dtype,
+        },
+        batch_format="pyarrow",
+        batch_size=e.encode_batch,
+        compute=ray.data.ActorPoolStrategy(size=e.encode_actors),
+        num_cpus=e.actor_cpus,
+        num_gpus=e.actor_gpus,
+    )
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        committer.add(block)
+    committer.finish()
+    return startup
+
+
+def run(
+    cfg: UniloomConfig,
+    inputs: list[str],
+    output: str,
+    on_commit: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Bring `output` up to date with `inputs`; returns the summary (errors included:
+    shards that could not be read are listed, every other shard is committed)."""
+    start = time.perf_counter()
+    if not inputs:
+        raise UniloomError("no --input given")
+    state = prepare_run(cfg, inputs, output)
+    cfg = state["cfg"]
+    d = cfg.data
+    manifest, p, stage = state["manifest"], state["plan"], state["stage"]
+    swept = sweep(manifest)
+    for sid in p.removed:
+        remove_shard(manifest, sid)
+    recorded = {k: v for k, v in asdict(d).items() if k != "storage_options"}  # may hold secrets
+    manifest.data.update(
+        inputs=[to_uri(*open_fs(uri, d.storage_options)) for uri in inputs],  # absolute
+        config={"preset": cfg.preset, "data": recorded, "mingtok": asdict(cfg.mingtok)},
+        image_tokenizer={"weights": d.tokenizer_weights, "fingerprint": stage.image_tokenizer},
+    )
+    manifest.save()
+    spec = OutputSpec(
+        image_size=cfg.mingtok.image_size,
+        latent_shape=(cfg.mingtok.num_tokens, cfg.mingtok.latent_dim),
+        latent_dtype=d.latent_dtype,
+        text_tokenizer=stage.text_tokenizer,
+        image_tokenizer=stage.image_tokenizer,
+    )
+    index = _load_index(d, manifest, p.done) if p.todo else DedupIndex(d.filters)
+    committer = Committer(manifest, p.todo, state["hashes"], stage, index, spec, on_commit)
+    ray_startup = execute(cfg, p.todo, state["text"], committer) if p.todo else 0.0
+    seconds = time.perf_counter() - start
+    return summarize(manifest, p, committer, seconds, ray_startup, swept)
+
+
+def summarize(manifest: Manifest, p: Plan, committer: Committer, seconds: float, startup: float, swept: int):
+    totals: dict[str, Any] = {"read": 0, "written": 0, "quarantined": 0, "filtered": {}}
+    for sid in committer.committed:
+        rows = manifest.shards[sid]["rows"]
+        for key in ("read", "written", "quarantined"):
+            totals[key] += rows[key]
+        for name, n in rows["filtered"].items():
+            totals["filtered"][name] = totals["filtered"].get(name, 0) + n
+    work = max(seconds - startup, 1e-9)
+    return {
+        "output": manifest.uri,
+        "shards": {
+            "processed": len(committer.committed),
+            "up_to_date": len(p.done),
+            "removed": len(p.removed),
+            "failed": len(committer.errors),
+        },
+        "reasons": dict(sorted(p.reasons.items())),
+        "rows": totals,
+        "output_rows": sum(e["rows"]["written"] for e in manifest.shards.values()),
+        "seconds": round(seconds, 3),
+        "ray_startup_s": round(startup, 3),
+        "images_per_s": round(totals["read"] / work, 1),
+        "swept_files": swept,
+        "errors": committer.errors,
+    }

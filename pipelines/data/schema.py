@@ -1,0 +1,102 @@
+"""Arrow schemas of the rows between stages and of the output shards.
+
+Pixels and latents travel as fixed-size binary columns built straight from NumPy buffers
+(no per-row copies); the output stores latents as plain binary with their dtype and shape
+recorded per row and in the file's metadata, which every Parquet reader understands.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+IDS = pa.list_(pa.int32())
+VQA = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
+
+# What the read tasks emit: the reader's columns plus the shard and, on the marker row,
+# how many rows the shard had.
+SOURCE_FIELDS = [
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("image", pa.binary()),
+    ("caption", pa.string()),
+    ("meta", pa.string()),
+    ("status", pa.int8()),
+    ("reason", pa.string()),
+    ("shard_rows", pa.int64()),
+]
+SOURCE_SCHEMA = pa.schema(SOURCE_FIELDS)
+
+# Columns every stage passes along unchanged, then what decoding and tokenizing add.
+CARRIED = ["shard", "key", "status", "reason", "shard_rows", "caption", "meta"]
+TEXT_FIELDS = [
+    ("text_ids", IDS),
+    ("edit_instruction", pa.string()),
+    ("edit_instruction_ids", IDS),
+    ("vqa", VQA),
+    ("vqa_question_ids", pa.list_(IDS)),
+    ("vqa_answer_ids", pa.list_(IDS)),
+]
+
+
+def prepared_schema(image_size: int) -> pa.Schema:
+    pixels = pa.binary(image_size * image_size * 3)
+    return pa.schema(
+        [f for f in SOURCE_FIELDS if f[0] in CARRIED]
+        + [
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("sha", pa.binary(16)),
+            ("phash", pa.uint64()),
+            ("pixels", pixels),
+            ("edit_pixels", pixels),
+        ]
+        + TEXT_FIELDS
+    )
+
+
+def fixed_binary(rows: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """(n, ...) array -> fixed-size binary column over the same memory; invalid rows null."""
+    rows = np.ascontiguousarray(rows)
+    n = rows.shape[0]
+    width = rows[0].nbytes if n else int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.itemsize
+    validity = None if valid.all() else pa.array(valid, pa.bool_()).buffers()[1]
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [validity, pa.py_buffer(rows)])
+
+
+def output_schema(latent_shape: tuple[int, int], latent_dtype: str) -> pa.Schema:
+    """The output shards' columns. Constant columns (shape, dtype, tokenizer fingerprints)
+    cost nothing after Parquet's dictionary encoding and survive every reader."""
+    meta = {
+        b"uniloom.latent_shape": str(list(latent_shape)).encode(),
+        b"uniloom.latent_dtype": latent_dtype.encode(),
+    }
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("source", pa.string()),
+            ("caption", pa.string()),
+            ("text_ids", IDS),
+            ("latents", pa.binary()),
+            ("latent_shape", pa.list_(pa.int32())),
+            ("latent_dtype", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("image_size", pa.int32()),
+            ("content_hash", pa.string()),
+            ("text_tokenizer", pa.string()),
+            ("image_tokenizer", pa.string()),
+            ("meta", pa.string()),
+            ("vqa", VQA),
+            ("vqa_question_ids", pa.list_(IDS)),
+            ("vqa_answer_ids", pa.list_(IDS)),
+            ("edit_instruction", pa.string()),
+            ("edit_instruction_ids", IDS),
+            ("edit_latents", pa.binary()),
+        ],
+        metadata=meta,
+    )
+
+
+REJECTED_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("reason", pa.string())])
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("sha", pa.binary(16)), ("phash", pa.uint64())])

@@ -1,0 +1,33 @@
+"""Resolve `--model` for inference commands: an MLflow model URI (models:/NAME@ALIAS,
+runs:/...) or the path of an exported safetensors file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uniloom.pipelines.config import UniloomConfig
+from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.evaluate.univision import Bundle, load_bundle
+
+
+def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
+    from uniloom.pipelines.train.trainer import export_path, shards_uri
+
+    if model and ":/" in model:
+        import mlflow
+
+        from uniloom.pipelines.tracking import configure
+
+        configure(cfg)
+        try:
+            loaded = mlflow.pyfunc.load_model(model)
+        except Exception as e:  # MLflow raises several types for a missing model or alias
+            raise UniloomError(f"cannot load model {model}: {str(e).splitlines()[0]}") from None
+        python_model = loaded.unwrap_python_model()
+        if not hasattr(python_model, "text"):
+            raise UniloomError(f"{model} is not a uniloom-univision model")
+        return Bundle(python_model.model, python_model.tokenizer, python_model.text, {})
+    path = Path(model or export_path(cfg))
+    if not path.is_file():
+        raise UniloomError(f"unknown model {model or path}: no such file or MLflow model URI")
+    return load_bundle(str(path), shards_uri(cfg), cfg.data.storage_options)

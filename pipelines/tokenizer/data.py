@@ -1,0 +1,89 @@
+"""Corpus samples for the tokenizer: decoding PNG/JPEG bytes into uint8 arrays, reading
+tars directly (evaluation, small local jobs) and through Ray Data (training)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from uniloom.pipelines.errors import UniloomError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+
+
+def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
+    """Image bytes -> (3, size, size) uint8, resized with a box filter when needed."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UniloomError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
+
+
+@dataclass
+class Samples:
+    keys: list[str]
+    images: np.ndarray  # (B, 3, H, W) uint8
+    captions: list[str]
+    meta: list[dict[str, Any]]
+
+
+def shard_paths(corpus: str | Path) -> list[Path]:
+    """The synthetic corpus's tars under `corpus`, in key order."""
+    root = Path(corpus)
+    paths = sorted(root.glob("shapes-*.tar")) if root.is_dir() else []
+    if not paths:
+        raise UniloomError(
+            f"no corpus shards (shapes-*.tar) in {root}; run `uniloom corpus synth --out {root}`"
+        )
+    return paths
+
+
+def read_tars(paths: list[Path], size: int, limit: int | None = None) -> Samples:
+    """Every sample (image + caption + JSON) of `paths`, decoded at `size`."""
+    groups: dict[str, dict[str, bytes]] = {}
+    for path in paths:
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.isfile():
+                        key, _, ext = member.name.partition(".")
+                        groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as e:
+            raise UniloomError(f"{path}: not a readable tar ({e})") from None
+        if limit and len(groups) >= limit:
+            break
+    keys = sorted(k for k, files in groups.items() if any(e in files for e in IMAGE_EXTS))[:limit]
+    images, captions, meta = [], [], []
+    for key in keys:
+        files = groups[key]
+        ext = next(e for e in IMAGE_EXTS if e in files)
+        images.append(decode_image(files[ext], size, f"{key}.{ext}"))
+        captions.append(files.get("txt", b"").decode())
+        meta.append(json.loads(files["json"]) if "json" in files else {})
+    return Samples(
+        keys, np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8), captions, meta
+    )
+
+
+def to_unit(images: np.ndarray):
+    """uint8 (B, 3, H, W) -> float tensor in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """float tensor in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) for detectors and files."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,187 @@
+"""The per-worker training loop of MingTok under Ray Train: masked image modeling with
+the four losses, a cosine schedule over steps (or over the time budget), evaluation and
+MLflow logging on rank 0, and checkpoints that a rerun of the same run resumes from."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uniloom.models.mingtok import MingTok
+from uniloom.pipelines.config import UniloomConfig, build
+from uniloom.pipelines.tokenizer.evaluate import grid_image, psnr, reconstruct_all, ssim
+from uniloom.pipelines.tokenizer.step import MIMTraining
+
+
+class Tracker:
+    """MLflow logging from rank 0 into the run the driver opened (by id, no global state)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri) if run_id else None
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
+        )
+
+    def image(self, image, name: str) -> None:
+        if self.client is not None:
+            self.client.log_image(self.run_id, image, artifact_file=name)
+
+
+def evaluate_during_training(model: MingTok, images: np.ndarray) -> tuple[dict[str, float], Any]:
+    recons = reconstruct_all(model, images)
+    originals = images.transpose(0, 2, 3, 1)
+    model.train()
+    metrics = {
+        "eval/psnr": float(psnr(originals, recons).mean()),
+        "eval/ssim": float(ssim(originals, recons).mean()),
+    }
+    return metrics, grid_image(originals, recons)
+
+
+def _batches(shard, batch_size: int, seed: int):
+    """Endless (images uint8, caption index) batches from this worker's dataset shard."""
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed + epoch,
+        ):
+            yield batch["image"], batch["caption"]
+        epoch += 1
+
+
+class Clock:
+    """Seconds of training so far, carried over from the checkpoint: wall-clock time, or
+    ("cpu") this process's CPU time divided by its threads, the time an unshared machine
+    would have needed, so that a budget means the same on a busy shared machine."""
+
+    def __init__(self, kind: str, threads: int, state: dict):
+        self.kind, self.threads = kind, threads
+        self.wall0 = time.perf_counter() - state.get("wall", state["elapsed"])
+        self.cpu0 = time.process_time() - state.get("cpu", 0.0)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
+
+    def __call__(self) -> float:
+        return self.cpu() / self.threads if self.kind == "cpu" else self.wall()
+
+    def state(self, step: int, start_step: int) -> dict:
+        return {
+            "step": step,
+            "elapsed": self(),
+            "wall": self.wall(),
+            "cpu": self.cpu(),
+            "start_step": start_step,
+        }
+
+
+def _agree(elapsed: float, done: bool, world: int) -> tuple[float, bool]:
+    """The slowest worker's clock and whether any worker is done: every worker then uses the
+    same learning rate and stops on the same step (each process's clock differs a little)."""
+    if world == 1:
+        return elapsed, done
+    value = torch.tensor([elapsed, 1.0 if done else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return float(value[0]), bool(value[1])
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: UniloomConfig = build(UniloomConfig, config["cfg"])
+    t = cfg.tokenizer
+    torch.set_num_threads(t.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    training = MIMTraining(cfg.mingtok, t, config["text"])
+    state = {"step": 0, "elapsed": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = training.load(Path(folder))
+    start_step = state["step"]
+    training.generator.manual_seed(t.seed * 1000 + rank + start_step)  # each worker masks differently
+    if world > 1:
+        training.wrapped = ray.train.torch.prepare_model(training.module)
+    tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"] if rank == 0 else "")
+    eval_images = np.asarray(config["eval_images"], dtype=np.uint8)
+    budget = t.max_minutes * 60
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(shard, t.batch_size // world, t.seed + start_step + rank)
+    clock = Clock(t.budget_clock, t.threads, state)
+    step = start_step
+    while True:
+        elapsed, done = _agree(clock(), step >= t.steps, world)
+        if done or (budget > 0 and elapsed >= budget):
+            break
+        images_u8, caption = next(batches)
+        progress = max(step / t.steps, elapsed / budget if budget > 0 else 0.0)
+        values = training.step(images_u8, caption, step, progress)
+        step += 1
+        last = step >= t.steps  # a time budget ends at the check above, then the tail below runs
+        if rank == 0 and (step % t.log_interval == 0 or last):
+            _log(tracker, values, step, t.steps, clock())
+        if rank == 0 and (step % t.eval_interval == 0 or last):
+            _evaluate(tracker, training.model, eval_images, step)
+        if step % t.checkpoint_interval == 0 or last:
+            state = clock.state(step, start_step)
+            _report(state, values["loss/total"], rank, training)
+    if state["step"] != step:  # stopped by the time budget between checkpoints
+        if rank == 0:
+            _evaluate(tracker, training.model, eval_images, step)
+        state = clock.state(step, start_step)
+        _report(state, values["loss/total"], rank, training)
+    elif step == start_step:  # nothing left to do (the run had finished): say where it stands
+        ray.train.report({**state, "start_step": start_step})
+
+
+def _log(tracker: Tracker, values: dict, step: int, steps: int, elapsed: float) -> None:
+    tracker.metrics({**values, "elapsed_s": elapsed}, step)
+    line = (
+        f"step {step}/{steps} loss {values['loss/total']:.4f} pixel {values['loss/pixel']:.4f} {elapsed:.0f}s"
+    )
+    print(f"[tokenizer] {line}", file=sys.stderr, flush=True)
+
+
+def _evaluate(tracker: Tracker, model: MingTok, eval_images: np.ndarray, step: int) -> None:
+    if not len(eval_images):
+        return
+    metrics, grid = evaluate_during_training(model, eval_images)
+    tracker.metrics(metrics, step)
+    tracker.image(grid, f"reconstructions/step_{step:07d}.png")
+    print(f"[tokenizer] step {step} held-out PSNR {metrics['eval/psnr']:.2f} dB", file=sys.stderr, flush=True)
+
+
+def _report(state: dict, loss: float, rank: int, training: MIMTraining) -> None:
+    import ray.train
+
+    metrics = {**state, "loss": loss}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        training.save(Path(folder), state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

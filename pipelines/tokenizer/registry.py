@@ -1,0 +1,53 @@
+"""MingTok in the MLflow model registry as `uniloom-mingtok`: a pyfunc that turns images
+(B, H, W, 3) uint8 into normalised latents (B, N, 32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+REGISTERED_NAME = "uniloom-mingtok"
+
+
+class MingTokPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from uniloom.pipelines.tokenizer.weights import load_mingtok
+
+        self.model = load_mingtok(context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        import torch
+
+        if isinstance(model_input, dict):  # a named tensor signature hands in {"images": array}
+            model_input = model_input["images"]
+        images = np.asarray(model_input, dtype=np.uint8)  # (B, H, W, 3)
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float().div(127.5).sub(1.0)
+        with torch.no_grad():
+            return self.model.encode(x).numpy()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "safetensors", "mlflow", "uniloom")]
+
+
+def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim: int, register: bool):
+    """Log the pyfunc into the active run; register it when `register`. Returns the model info."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_tokens, latent_dim), "latents")]),
+    )
+    return mlflow.pyfunc.log_model(
+        name="mingtok",
+        python_model=MingTokPyfunc(),
+        artifacts={"weights": str(weights)},
+        signature=signature,
+        pip_requirements=_requirements(),
+        registered_model_name=REGISTERED_NAME if register else None,
+    )

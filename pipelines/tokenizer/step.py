@@ -1,0 +1,110 @@
+"""One masked-image-modeling step of MingTok, free of any engine: masking, the schedule,
+the optimiser, the teachers' targets and the update. The Ray Train loop (loop.py) drives
+it; so can a plain script."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from uniloom.models.mingtok import MingTok, MingTokConfig
+from uniloom.models.mingtok_loss import LossWeights, MIMObjective
+from uniloom.pipelines.tokenizer.config import TokenizerConfig
+from uniloom.pipelines.tokenizer.teachers import Teachers
+
+
+class MIMStep(nn.Module):
+    """Tokenizer and training heads in one module, so DDP wraps (and syncs) both."""
+
+    def __init__(self, model: MingTok, objective: MIMObjective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, images, mask, latent_targets, semantic_targets, text_table, caption, weights):
+        return self.objective(
+            self.model, images, mask, latent_targets, semantic_targets, text_table, caption, weights
+        )
+
+
+def loss_weights(t: TokenizerConfig) -> LossWeights:
+    return LossWeights(t.weight_pixel, t.weight_pixel_l2, t.weight_latent, t.weight_semantic, t.weight_text)
+
+
+def random_mask(batch: int, tokens: int, t: TokenizerConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) bool: the first masked_fraction of the rows mask mask_ratio of their patches."""
+    rows = round(batch * t.masked_fraction)
+    count = round(tokens * t.mask_ratio)
+    mask = torch.zeros(batch, tokens, dtype=torch.bool)
+    if rows and count:
+        order = torch.rand(rows, tokens, generator=generator).argsort(dim=1)[:, :count]
+        mask[:rows].scatter_(1, order, True)
+    return mask
+
+
+def learning_rate(t: TokenizerConfig, step: int, progress: float) -> float:
+    warm = min(1.0, (step + 1) / max(t.warmup_steps, 1))
+    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr * warm * cosine
+
+
+class MIMTraining:
+    """Model, heads, teachers and optimiser of one worker, and the step that updates them."""
+
+    def __init__(self, mcfg: MingTokConfig, t: TokenizerConfig, text_table: np.ndarray):
+        torch.manual_seed(t.seed)  # identical initial weights on every worker
+        self.t = t
+        self.model = MingTok(mcfg)
+        self.teachers = Teachers(t.teacher, t.semantic_teacher, self.model, t.ema_decay)
+        self.text = torch.from_numpy(np.array(text_table, dtype=np.float32))  # (captions, E)
+        objective = MIMObjective(
+            self.model, self.teachers.latent_dim, self.teachers.semantic_dim, self.text.shape[1]
+        )
+        self.module = MIMStep(self.model, objective)
+        self.wrapped: nn.Module = self.module  # DDP goes here when there are several workers
+        decay = [p for p in self.module.parameters() if p.ndim >= 2]
+        rest = [p for p in self.module.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
+        self.weights = loss_weights(t)
+        self.generator = torch.Generator().manual_seed(t.seed)
+
+    def step(self, images_u8: torch.Tensor, caption: torch.Tensor, step: int, progress: float) -> dict:
+        """One update on uint8 images (B, 3, H, W) with caption indices (B,); returns the
+        detached losses, the learning rate and the gradient norm."""
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(self.t, step, progress)
+        images = images_u8.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        mask = random_mask(len(images), self.model.cfg.num_tokens, self.t, self.generator)
+        latent_targets, semantic_targets = self.teachers.targets(images)
+        losses = self.wrapped(
+            images, mask, latent_targets, semantic_targets, self.text, caption, self.weights
+        )
+        self.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.t.grad_clip)
+        self.opt.step()
+        self.teachers.update(self.model)
+        out = {f"loss/{k}": v.item() for k, v in losses.items() if k != "recon"}
+        return {**out, "lr": self.opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+
+    def save(self, folder: Path, state: dict) -> None:
+        torch.save(self.module.state_dict(), folder / "model.pt")
+        torch.save(self.opt.state_dict(), folder / "optimizer.pt")
+        if self.teachers.ema is not None:
+            torch.save(self.teachers.ema.state_dict(), folder / "ema.pt")
+        (folder / "state.json").write_text(json.dumps(state))
+
+    def load(self, folder: Path) -> dict:
+        self.module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        self.opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        if self.teachers.ema is not None and (folder / "ema.pt").is_file():
+            self.teachers.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))
+        state = json.loads((folder / "state.json").read_text())
+        self.generator.manual_seed(self.t.seed + state["step"])  # fresh masks after a resume
+        return state

@@ -1,0 +1,189 @@
+"""`uniloom tokenizer train`: MingTok's masked-image-modeling run on Ray Train.
+
+    corpus tars -> Ray Data (read_webdataset, decode PNG, caption index) -> TorchTrainer
+    (1 or more CPU workers, gloo; pipelines/tokenizer/loop.py) -> last checkpoint ->
+    calibrated latent normalisation -> consolidated safetensors -> evaluation -> MLflow
+    (metrics, reconstruction grids, registered model `uniloom-mingtok`)
+
+Rerunning with the same run name resumes from the last checkpoint of that run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.tokenizer.data import IMAGE_EXTS, decode_image, read_tars, shard_paths
+
+
+def corpus_dir(cfg: UniloomConfig) -> Path:
+    return Path(cfg.tokenizer.corpus or Path(cfg.workspace) / "corpus")
+
+
+def split_shards(cfg: UniloomConfig) -> tuple[list[Path], list[Path]]:
+    """(training shards, held-out shards): the last `heldout_shards` are never trained on."""
+    paths = shard_paths(corpus_dir(cfg))
+    held = cfg.tokenizer.heldout_shards
+    if not 0 < held < len(paths):
+        raise UniloomError(
+            f"config key 'tokenizer.heldout_shards': {held} leaves no training or no held-out shard "
+            f"of the {len(paths)} in {corpus_dir(cfg)}"
+        )
+    return paths[:-held], paths[-held:]
+
+
+def read_captions(paths: list[Path]) -> list[str]:
+    captions = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+    return captions
+
+
+def build_dataset(paths: list[Path], size: int, caption_index: dict[str, int], materialize: bool):
+    """Ray Data: (image uint8 (3, H, W), caption index) rows from the webdataset tars."""
+    import ray.data
+
+    def decode(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        keys = batch["__key__"]
+        images, captions = [], []
+        for i, key in enumerate(keys):
+            ext = next((e for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+            if ext is None:
+                continue
+            images.append(decode_image(batch[ext][i], size, f"{key}.{ext}"))
+            text = batch["txt"][i]
+            captions.append(caption_index[text.decode() if isinstance(text, bytes) else str(text)])
+        return {"image": np.stack(images), "caption": np.array(captions, dtype=np.int64)}
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.read_webdataset([str(p) for p in paths], decoder=None)
+    ds = ds.map_batches(decode, batch_format="numpy", batch_size=256, num_cpus=0.5)
+    return ds.materialize().randomize_block_order() if materialize else ds
+
+
+def _run_trainer(cfg: UniloomConfig, dataset, loop_config: dict[str, Any], restart: bool):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from uniloom.pipelines.tokenizer.loop import train_loop
+
+    t = cfg.tokenizer
+    storage = Path(t.storage or Path(cfg.workspace) / "ray_results").resolve()
+    name = t.run_name or f"mingtok-{cfg.preset}"
+    if restart:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=False, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise UniloomError(f"tokenizer training failed: {result.error}")
+    if result.checkpoint is None:
+        raise UniloomError(f"tokenizer run {name} under {storage} produced no checkpoint")
+    return result, storage / name
+
+
+def _final_model(cfg: UniloomConfig, checkpoint):
+    import torch
+
+    from uniloom.models.mingtok import MingTok
+
+    model = MingTok(cfg.mingtok)
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "model.pt", weights_only=True)
+    model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[str], None] = print):
+    """Train (or resume), export, evaluate, register. Returns the summary."""
+    import mlflow
+    import torch
+
+    from uniloom.pipelines import tracking
+    from uniloom.pipelines.raycluster import init_ray
+    from uniloom.pipelines.tokenizer.evaluate import grid_image, probe_accuracy, reconstruction_metrics
+    from uniloom.pipelines.tokenizer.registry import log_and_register
+    from uniloom.pipelines.tokenizer.text import caption_embeddings
+    from uniloom.pipelines.tokenizer.weights import calibrate_latents, default_path, save_mingtok
+
+    t, m = cfg.tokenizer, cfg.mingtok
+    if t.batch_size % t.num_workers:
+        raise UniloomError(f"tokenizer.batch_size {t.batch_size} does not split over {t.num_workers} workers")
+    train_paths, held_paths = split_shards(cfg)
+    started = time.perf_counter()
+    echo(f"captions: embedding with all-MiniLM-L6-v2 (cached under {cfg.workspace}/cache)")
+    captions = sorted(set(read_captions(train_paths)))
+    text = caption_embeddings(captions, Path(cfg.workspace) / "cache")
+    heldout = read_tars(held_paths, m.image_size)
+    init_ray(cfg.ray)
+    echo(f"data: {len(train_paths)} training shards through Ray Data, {len(heldout.keys)} held-out images")
+    dataset = build_dataset(train_paths, m.image_size, {c: i for i, c in enumerate(captions)}, t.materialize)
+    with tracking.stage_run(cfg, "tokenizer") as run:
+        loop_config = {
+            "cfg": to_dict(cfg),
+            "text": text,
+            "eval_images": heldout.images[: t.eval_images],
+            "mlflow_uri": mlflow.get_tracking_uri(),
+            "mlflow_run_id": run.info.run_id,
+        }
+        echo(f"training: {t.num_workers} Ray Train worker(s), up to {t.steps} steps" + (
+            f" or {t.max_minutes:g} minutes" if t.max_minutes > 0 else ""))  # fmt: skip
+        result, run_dir = _run_trainer(cfg, dataset, loop_config, restart)
+        train_seconds = time.perf_counter() - started
+        model = _final_model(cfg, result.checkpoint)
+        if t.calibrate_latents:
+            sample = read_tars(train_paths[:1], m.image_size, limit=256).images
+            shift, scale = calibrate_latents(model, torch.from_numpy(sample).float().div(127.5).sub(1.0))
+            echo(f"latent normalisation calibrated: shift {shift:.4f}, scale {scale:.4f}")
+        weights = save_mingtok(model, default_path(cfg))
+        echo(f"evaluating on {len(heldout.keys)} held-out images and {t.probe_test} probe scenes")
+        metrics = reconstruction_metrics(model, heldout)
+        metrics.update(probe_accuracy(model, cfg.corpus.seed, t.probe_train, t.probe_test))
+        mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        from uniloom.pipelines.tokenizer.evaluate import reconstruct_all
+
+        grid = grid_image(
+            heldout.images[:32].transpose(0, 2, 3, 1), reconstruct_all(model, heldout.images[:32])
+        )
+        mlflow.log_image(grid, "reconstructions/final.png")
+        mlflow.log_artifact(str(weights), artifact_path="weights")
+        info = log_and_register(weights, m.image_size, m.num_tokens, m.latent_dim, t.register)
+        final = result.metrics or {}
+        return {
+            "weights": str(weights),
+            "run_dir": str(run_dir),
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": info.model_uri,
+            "registered_model": "uniloom-mingtok" if t.register else None,
+            "registered_version": getattr(info, "registered_model_version", None),
+            "steps": final.get("step"),
+            "resumed_from_step": final.get("start_step", 0),
+            "budget_clock": t.budget_clock,
+            "train_loop_seconds": round(float(final.get("elapsed", 0.0)), 1),  # by the budget clock
+            "train_loop_wall_seconds": round(float(final.get("wall", 0.0)), 1),
+            "train_loop_cpu_seconds": round(float(final.get("cpu", 0.0)), 1),
+            "load_1min": round(os.getloadavg()[0], 2),
+            "train_seconds": round(train_seconds, 1),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+        }

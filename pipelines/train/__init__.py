@@ -1,0 +1,1 @@
+"""Training of the unified model: Ray Train + DeepSpeed (ZeRO, MoE expert parallel) over the Parquet shards."""

@@ -1,0 +1,101 @@
+"""The `train:` config section and its recipe stages. Its own module (no torch, no Ray):
+loading a config stays cheap; pipelines/config.py holds it as `UniloomConfig.train`.
+
+The recipe is an ordered mapping name -> StageConfig, filled by the preset, so one field
+of one stage is a plain override: `--set train.stages.joint.steps=500`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TASK_KINDS = ("understanding", "text_to_image", "text", "editing")
+PARTS = ("projector", "flow_head", "llm", "semantic_decoder")
+
+
+@dataclass
+class StageConfig:
+    """One stage of the recipe: what trains, on which task mix, how long, how fast."""
+
+    trainable: list[str] = field(default_factory=lambda: list(PARTS))  # of PARTS; the rest is frozen
+    mix: dict[str, float] = field(default_factory=lambda: {"understanding": 0.3, "text_to_image": 0.7})
+    lr: float = 1e-3
+    steps: int = 100  # optimizer steps
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        if unknown := sorted(set(self.trainable) - set(PARTS)):
+            raise ValueError(f"trainable: unknown part(s) {unknown} (choose from {list(PARTS)})")
+        if not self.trainable:
+            raise ValueError("trainable: a stage must train at least one part")
+        if unknown := sorted(set(self.mix) - set(TASK_KINDS)):
+            raise ValueError(f"mix: unknown task kind(s) {unknown} (choose from {list(TASK_KINDS)})")
+        if any(w < 0 for w in self.mix.values()) or not sum(self.mix.values()) > 0:
+            raise ValueError("mix: weights must be >= 0 with a positive sum")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+
+
+def _paper_recipe() -> dict[str, StageConfig]:
+    """Ming-UniVision's four stages (../shared/design/MODEL_SPEC.md)."""
+    heads = ["projector", "flow_head"]
+    return {
+        "align": StageConfig(heads, {"understanding": 0.3, "text_to_image": 0.7}),
+        "joint": StageConfig(
+            [*heads, "llm", "semantic_decoder"], {"understanding": 0.25, "text_to_image": 0.7, "text": 0.05}
+        ),
+        "sft": StageConfig([*heads, "llm"], {"understanding": 0.3, "text": 0.1, "text_to_image": 0.6}),
+        "edit": StageConfig(
+            [*heads, "llm"], {"understanding": 0.15, "text_to_image": 0.25, "text": 0.05, "editing": 0.55}
+        ),
+    }
+
+
+@dataclass
+class TrainConfig:
+    shards: str = ""  # output folder (URL) of `uniloom data run`; empty: <workspace>/data
+    run_name: str = ""  # Ray Train run; rerunning the same name resumes it. Empty: univision-<preset>
+    storage: str = ""  # Ray Train storage (local dir or fsspec/pyarrow URL); empty: <workspace>/ray_results
+    export: str = ""  # consolidated safetensors; empty: <workspace>/univision/univision.safetensors
+    register: bool = True  # register the export as MLflow model uniloom-univision
+    # Parallelism and precision
+    workers: int = 2
+    cpus_per_worker: float = 1.0  # Ray resources per worker (fractional on small machines)
+    use_gpu: bool = False
+    threads: int = 1  # torch intra-op threads per worker
+    expert_parallel: int = 2  # ranks that split the experts; clipped to the number of workers
+    zero_stage: Literal[0, 1, 2] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Batches: packed rows of seq_len tokens
+    seq_len: int = 256
+    micro_batch: int = 2  # packed rows per worker per micro step
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # Data
+    seed: int = 0
+    shuffle_buffer: int = 64  # rows, per worker
+    guidance_drop: float = 0.1  # share of generation samples trained unconditionally (half text, half turn)
+    vqa_share: float = 0.5  # share of understanding samples that are VQA (rest: captioning)
+    read_cpus: float = 0.25  # Ray CPUs per Parquet read task
+    # Loop
+    log_every: int = 5
+    checkpoint_every: int = 50  # steps; the end of every stage is checkpointed too
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # steps; 0: at the end of each stage only
+    eval_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle", "a blue square left of a green triangle"]
+    )
+    max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
+    stages: dict[str, StageConfig] = field(default_factory=_paper_recipe)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.expert_parallel < 1 or self.micro_batch < 1 or self.grad_accum < 1:
+            raise ValueError("workers, expert_parallel, micro_batch and grad_accum must be >= 1")
+        if not self.stages:
+            raise ValueError("stages: the recipe needs at least one stage")
+        if len(self.betas) != 2:
+            raise ValueError("betas: two numbers")

@@ -1,0 +1,289 @@
+"""Training data: the data stage's Parquet shards -> task samples -> packed batches.
+
+    driver:  committed shards of the manifest, fingerprints checked against the model's
+             MingTok -> ray.data.read_parquet (lazy; never materialised)
+    worker:  ray.train.get_dataset_shard("train") (one streaming split per worker)
+             -> rows -> seeded shuffle buffer -> one task sample per row
+             -> next-fit packing into `micro_batch` rows of `seq_len` tokens
+
+Determinism: the split is order-preserving, the shuffle buffer is seeded by (seed, epoch,
+rank) and a row's task, VQA pair and guidance drop by (seed, epoch, key), so a seed fixes
+every batch of every worker. A worker's data position is (epoch, rows consumed into
+finished batches); resuming replays the epoch and skips that many rows, which is exact at
+the same number of workers (and keeps the epoch's progress with another number).
+
+Epochs: a streaming split starts a new epoch only when every worker asks for it, while
+workers meet at every gradient all-reduce. A worker that runs out therefore only says so;
+the loop agrees on it at the next step (`Stream.exhausted`, all-reduced) and all workers
+start the next epoch together, dropping the few rows the others had left.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from uniloom.pipelines.data.fs import join, open_fs
+from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.train.config import TASK_KINDS, StageConfig, TrainConfig
+
+COLUMNS = [
+    "key", "text_ids", "latents", "latent_shape", "latent_dtype", "image_tokenizer", "text_tokenizer",
+    "vqa_question_ids", "vqa_answer_ids", "edit_instruction_ids", "edit_latents",
+]  # fmt: skip
+MANIFEST = "_manifest.json"
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class ShardSet:
+    uri: str
+    files: list[str]  # paths inside `fs`
+    fs: Any
+    text_tokenizer: str  # fingerprints recorded by the data stage
+    image_tokenizer: str
+
+
+def find_shards(uri: str, storage_options: dict[str, Any]) -> ShardSet:
+    """The committed output shards of a data run (its manifest is the commit record)."""
+    import json
+
+    fs, root = open_fs(uri, storage_options)
+    path = join(root, MANIFEST)
+    if not fs.exists(path):
+        raise UniloomError(f"{uri}: no {MANIFEST}; make the shards with `uniloom data run --output {uri}`")
+    manifest = json.loads(fs.cat_file(path))
+    entries = manifest.get("shards", {})
+    from uniloom.pipelines.data.commit import shard_paths
+
+    files = [shard_paths(root, sid)["output"] for sid in sorted(entries) if entries[sid]["rows"]["written"]]
+    if not files:
+        raise UniloomError(f"{uri}: the data run wrote no rows")
+    image_fps = {entries[sid]["stage"]["image_tokenizer"] for sid in entries}
+    text_fps = {entries[sid]["stage"]["text_tokenizer"] for sid in entries}
+    if len(image_fps) > 1 or len(text_fps) > 1:
+        raise UniloomError(f"{uri}: shards were made with different tokenizers; rerun `uniloom data run`")
+    return ShardSet(uri, files, fs, text_fps.pop(), image_fps.pop())
+
+
+def check_image_tokenizer(shards: ShardSet, fingerprint: str, weights: str) -> None:
+    """Latents are only meaningful to the MingTok that made them: refuse any other."""
+    if shards.image_tokenizer != fingerprint:
+        raise UniloomError(
+            f"shards in {shards.uri} were tokenized by MingTok {shards.image_tokenizer}, but the model "
+            f"uses MingTok {fingerprint} (data.tokenizer_weights={weights or '(unset)'}): train with "
+            "the weights that made the shards, or rerun `uniloom data run` with these"
+        )
+
+
+def read_dataset(shards: ShardSet, t: TrainConfig):
+    """Lazy Ray Dataset over the shards, in file order (the split preserves it)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from uniloom.pipelines.data.fs import is_local
+
+    filesystem = None if is_local(shards.fs) else PyFileSystem(FSSpecHandler(shards.fs))
+    return ray.data.read_parquet(
+        shards.files,
+        filesystem=filesystem,
+        columns=COLUMNS,
+        num_cpus=t.read_cpus,
+    )
+
+
+# ----------------------------------------------------------------------------- rows -> samples
+
+
+def _latents(blob: bytes, shape, dtype: str):
+    import torch
+
+    return torch.from_numpy(np.frombuffer(blob, dtype=dtype).reshape(shape).astype(np.float32))
+
+
+class TaskSampler:
+    """One training sample per row, its task drawn with the stage's mix among the tasks
+    the row supports (editing needs an edit target), seeded by (seed, epoch, key)."""
+
+    def __init__(self, stage: StageConfig, t: TrainConfig, image_tokenizer: str):
+        self.mix = {k: stage.mix.get(k, 0.0) for k in TASK_KINDS}
+        self.seed, self.drop, self.vqa_share = t.seed, t.guidance_drop, t.vqa_share
+        self.seq_len, self.image_tokenizer = t.seq_len, image_tokenizer
+        self.too_long = 0
+
+    def rng(self, key: str, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
+
+    def __call__(self, row: dict[str, Any], epoch: int):
+        from uniloom.models import sequence
+
+        if row["image_tokenizer"] != self.image_tokenizer:
+            raise UniloomError(
+                f"row {row['key']}: MingTok {row['image_tokenizer']}, expected {self.image_tokenizer}"
+            )
+        rng = self.rng(row["key"], epoch)
+        can_edit = row["edit_latents"] is not None and row["edit_instruction_ids"] is not None
+        weights = np.array([self.mix[k] if (k != "editing" or can_edit) else 0.0 for k in TASK_KINDS])
+        if weights.sum() <= 0:
+            return None
+        task = TASK_KINDS[rng.choice(len(TASK_KINDS), p=weights / weights.sum())]
+        shape, dtype = row["latent_shape"], row["latent_dtype"]
+        image = _latents(row["latents"], shape, dtype)
+        caption = row["text_ids"]
+        drop = "none"
+        if task in ("text_to_image", "editing") and rng.random() < self.drop:
+            drop = "text" if rng.random() < 0.5 else "turn"
+        if task == "understanding":
+            questions = row["vqa_question_ids"] or []
+            if questions and rng.random() < self.vqa_share:
+                i = int(rng.integers(len(questions)))
+                sample = sequence.understanding(image, questions[i], row["vqa_answer_ids"][i])
+            else:
+                sample = sequence.understanding(image, [], caption)
+        elif task == "text_to_image":
+            sample = sequence.text_to_image(caption, image, drop=drop)
+        elif task == "text":
+            sample = sequence.text_only(caption)
+        else:
+            target = _latents(row["edit_latents"], shape, dtype)
+            sample = sequence.editing(image, [(row["edit_instruction_ids"], target)], drop=drop)
+        if len(sample) > self.seq_len:
+            self.too_long += 1
+            return None
+        return sample
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+class Packer:
+    """Next-fit packing, exactly as models.sequence.pack places samples, into batches of
+    at most `rows` rows: `add` returns the finished batch when a sample no longer fits."""
+
+    def __init__(self, rows: int, seq_len: int):
+        self.rows, self.seq_len = rows, seq_len
+        self.samples: list = []
+        self.used_rows, self.used = 0, seq_len
+
+    def add(self, sample):
+        """Returns a finished batch (without `sample`, which starts the next) or None."""
+        from uniloom.models.sequence import pack
+
+        n = len(sample)
+        if self.used + n > self.seq_len and self.used_rows == self.rows:
+            batch = pack(self.samples, self.seq_len)
+            self.samples, self.used_rows, self.used = [], 0, self.seq_len
+            self.add(sample)
+            return batch
+        if self.used + n > self.seq_len:
+            self.used_rows, self.used = self.used_rows + 1, 0
+        self.samples.append(sample)
+        self.used += n
+        return None
+
+    def flush(self):
+        from uniloom.models.sequence import pack
+
+        batch = pack(self.samples, self.seq_len) if self.samples else None
+        self.samples, self.used_rows, self.used = [], 0, self.seq_len
+        return batch
+
+    @property
+    def pending(self) -> int:
+        return len(self.samples)
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    rows: int = 0  # rows of `epoch` consumed into finished batches
+
+
+class Stream:
+    """A worker's batches. `next_batch` returns a batch (short, or None, at the end of the
+    worker's epoch); `exhausted` says the split ran out; `new_epoch` starts the next one
+    (all workers together); `set_sampler` switches the task mix between stages."""
+
+    def __init__(self, shard, sampler: TaskSampler, t: TrainConfig, rank: int, start: Position):
+        self.shard, self.sampler, self.t, self.rank = shard, sampler, t, rank
+        self.packer = Packer(t.micro_batch, t.seq_len)
+        self.position = Position(start.epoch, 0)
+        self._skip = start.rows
+        self._pending: list[dict[str, Any]] = []  # rows pulled since the last finished batch
+        self._replay: deque[dict[str, Any]] = deque()
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.exhausted = False
+        self._rows = self._shuffled(self._epoch_rows())
+
+    def _epoch_rows(self) -> Iterator[dict[str, Any]]:
+        for table in self.shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            yield from table.to_pylist()
+
+    def _shuffled(self, rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng([self.t.seed, self.position.epoch, self.rank, 1])
+        buffer: list[dict[str, Any]] = []
+        for row in rows:
+            if len(buffer) < self.t.shuffle_buffer:
+                buffer.append(row)
+                continue
+            i = int(rng.integers(len(buffer)))
+            buffer[i], row = row, buffer[i]
+            yield row
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _next_row(self) -> dict[str, Any] | None:
+        if self._replay:
+            return self._replay.popleft()
+        while self._skip:
+            if next(self._rows, None) is None:
+                return None
+            self._skip -= 1
+            self.position.rows += 1
+        return next(self._rows, None)
+
+    def next_batch(self):
+        if self.exhausted:
+            return None
+        while True:
+            row = self._next_row()
+            if row is None:
+                self.exhausted = True
+                self.position.rows += len(self._pending)
+                self._pending = []
+                return self.packer.flush()
+            self._pending.append(row)
+            sample = self.sampler(row, self.position.epoch)
+            if sample is None:
+                continue
+            batch = self.packer.add(sample)
+            if batch is not None:  # it holds every pending row but the last
+                self.position.rows += len(self._pending) - 1
+                self._pending = self._pending[-1:]
+                return batch
+
+    def new_epoch(self) -> None:
+        self.position = Position(self.position.epoch + 1, 0)
+        self.packer.flush()
+        self._pending, self._replay, self._skip = [], deque(), 0
+        self._start_epoch()
+
+    def set_sampler(self, sampler: TaskSampler) -> None:
+        """Rows not yet in a finished batch are sampled again with the new mix, as a
+        resume from this point (which replays them) would."""
+        self.sampler = sampler
+        self.packer.flush()
+        self._replay = deque([*self._pending, *self._replay])
+        self._pending = []

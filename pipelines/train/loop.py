@@ -1,0 +1,264 @@
+"""The training loop that runs in every Ray Train worker, one stage after another.
+
+Per stage, in this order (the fixed order of parallelize.py-style wrapping):
+  build the model (same seed on every rank) -> load weights (the previous stage's
+  checkpoint, or MingTok's trained weights for a fresh run) -> expert parallelism ->
+  freeze what the stage freezes -> DeepSpeed MoE switch -> AdamW over MoE-split groups
+  -> deepspeed.initialize -> (resuming mid-stage) optimizer, schedule, data position.
+
+Per optimizer step: grad_accum micro steps of (batch, all-reduced end-of-epoch flag,
+engine forward, engine.backward, engine.step). Every `checkpoint_every` steps and at the
+end of a stage every rank writes its part of the checkpoint and reports it to Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from uniloom.pipelines.config import UniloomConfig, build
+from uniloom.pipelines.train import checkpoint as ckpt
+from uniloom.pipelines.train import deepspeed_config, expert_parallel
+from uniloom.pipelines.train.data import Position, Stream, TaskSampler
+from uniloom.pipelines.train.metrics import RATES, RunLogger, Window
+from uniloom.pipelines.train.module import Trainee
+from uniloom.pipelines.train.recipe import Resume, global_step
+
+_STARTED = time.time()
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        # not print(): Ray Train's print patch would echo it twice
+        sys.stderr.write(f"[train +{time.time() - _STARTED:.0f}s] {text}\n")
+        sys.stderr.flush()
+
+
+def _load_tokenizer(trainee: Trainee, uri: str, storage_options: dict) -> None:
+    from safetensors.torch import load as load_safetensors
+
+    from uniloom.pipelines.data.image_tokenizer import read_weights
+
+    trainee.tokenizer.load_state_dict(load_safetensors(read_weights(uri, storage_options)))
+
+
+def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckpt.Reader | None, job: dict):
+    import deepspeed
+
+    t, stage = cfg.train, cfg.train.stages[name]
+    torch.manual_seed(t.seed)
+    trainee = Trainee(cfg.model, cfg.mingtok)
+    if reader is None:
+        _load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
+    expert_parallel.parallelize(trainee, ep)
+    if reader is not None:
+        ckpt.load_weights(trainee, reader)
+    trainee.set_trainable(stage.trainable)
+    expert_parallel.mark_for_deepspeed(trainee, ep)
+    opt = deepspeed_config.optimizer(trainee, t, stage)
+    engine, *_ = deepspeed.initialize(
+        model=trainee,
+        optimizer=opt,
+        lr_scheduler=deepspeed_config.scheduler(opt, stage),
+        config=deepspeed_config.engine_config(t, world),
+    )
+    return engine, trainee
+
+
+class StageRun:
+    """One stage on one worker: its engine, its stream, its step."""
+
+    def __init__(self, cfg: UniloomConfig, job: dict, name: str, resume: Resume, stream: Stream | None, ctx):
+        self.cfg, self.job, self.name, self.ctx = cfg, job, name, ctx
+        self.t, self.stage = cfg.train, cfg.train.stages[name]
+        self.rank, self.world = ctx["rank"], ctx["world"]
+        self.ep = ctx["ep"]
+        reader = resume.reader
+        self.engine, self.trainee = build_engine(cfg, name, self.world, self.ep, reader, job)
+        _say(self.rank, f"stage {name}: DeepSpeed engine ready ({type(self.engine.optimizer).__name__})")
+        self.step = 0
+        self.losses = list(resume.losses)
+        self.resumes = list(resume.resumes)
+        self.last_rates: dict[str, float] = {}
+        position = Position()
+        if reader is not None:
+            position = Position(**reader.position(self.rank, self.world))
+            if resume.mid_stage:
+                ckpt.load_optimizer(self.engine, self.trainee, reader)
+                self.step = resume.step
+        sampler = TaskSampler(self.stage, self.t, job["image_tokenizer"])
+        if stream is None:
+            stream = Stream(ctx["shard"], sampler, self.t, self.rank, position)
+        else:
+            stream.set_sampler(sampler)
+        self.stream = stream
+
+    @property
+    def global_step(self) -> int:
+        return global_step(self.t, self.name, self.step)
+
+    def micro_step(self, micro: int, window: Window, last: list) -> None:
+        batch = self.stream.next_batch()
+        flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        weight = 1.0
+        if batch is None:  # this worker's epoch ran dry: take part in the collectives only
+            batch, weight = last[0], 0.0
+        last[0] = batch
+        # Flow-matching noise and times from a generator fixed by (seed, rank, step):
+        # a resumed run draws exactly what the uninterrupted one would have.
+        torch.manual_seed(hash((self.t.seed, self.rank, self.global_step, micro)) % (1 << 62))
+        losses = self.engine(batch)
+        self.engine.backward(losses.total * weight)
+        self.engine.step()
+        if weight:
+            window.add(losses, int((batch.doc_ids >= 0).sum()))
+        if flag.item():
+            self.stream.new_epoch()
+
+    def run(self, logger: RunLogger) -> None:
+        t = self.t
+        _say(
+            self.rank,
+            f"stage {self.name}: steps {self.step}..{self.stage.steps}, trainable {self.stage.trainable}",
+        )
+        window, last = Window(), [None]
+        while self.step < self.stage.steps:
+            for micro in range(t.grad_accum):
+                self.micro_step(micro, window, last)
+            self.step += 1
+            done = self.step == self.stage.steps
+            logged = self.step % t.log_every == 0 or done
+            if logged:
+                self.log(window, logger)
+            if (t.eval_every and self.step % t.eval_every == 0) or done:
+                self.evaluate(logger)
+            if self.step % t.checkpoint_every == 0 or done:
+                self.checkpoint(done)
+            if logged:  # evaluation and checkpoints are not training time
+                window = Window()
+
+    def log(self, window: Window, logger: RunLogger) -> None:
+        values = window.reduce(self.world)
+        values["lr"] = self.engine.get_lr()[0]
+        values["stage_index"] = list(self.t.stages).index(self.name)
+        self.last_load = values["_expert_load"]
+        self.last_rates = {k: values[k] for k in RATES}
+        self.losses.append([self.global_step, self.name, round(values["loss"], 5)])
+        logger.metrics(values, self.global_step)
+        _say(self.rank, f"{self.name} step {self.step}/{self.stage.steps} loss {values['loss']:.4f} "
+                        f"tokens/s/worker {values['tokens_per_s_per_worker']:.0f} lr {values['lr']:.2e}")  # fmt: skip
+
+    def evaluate(self, logger: RunLogger) -> None:
+        """Sample images from the eval prompts (every rank: experts are sharded, so the
+        forward passes run in lock step), logged by rank 0 with the expert loads."""
+        from uniloom.models.generation import generate
+        from uniloom.pipelines.tokenizer.data import to_uint8
+
+        tag = f"{self.name}_step{self.global_step:07d}"
+        if self.job["eval_prompt_ids"]:
+            module = self.engine.module
+            module.eval()
+            g = torch.Generator().manual_seed(self.t.seed)
+            out = generate(module.model, module.tokenizer, self.job["eval_prompt_ids"], generator=g)
+            module.train()
+            logger.images(to_uint8(out.images), tag)
+        if getattr(self, "last_load", None) is not None:
+            logger.expert_histogram(self.last_load, tag)
+
+    def checkpoint(self, done: bool) -> None:
+        import ray.train
+
+        meta = None
+        if self.rank == 0:
+            meta = {
+                "world": self.world,
+                "ep": self.ep,
+                "stage": self.name,
+                "step": self.step,
+                "done": done,
+                "global_step": self.global_step,
+                "recipe": list(self.t.stages),
+                "losses": self.losses,
+                "resumes": self.resumes,
+                **{k: self.job[k] for k in ("image_tokenizer", "text_tokenizer", "mlflow_run_id")},
+            }
+        with tempfile.TemporaryDirectory(prefix="uniloom-ckpt-") as tmp:
+            ckpt.save(self.engine, self.trainee, tmp, self.rank, self.ep, asdict(self.stream.position), meta)
+            last = self.losses[-1][2] if self.losses else float("nan")
+            ray.train.report(
+                {"global_step": self.global_step, "stage": self.name, "loss": last, **self.last_rates},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"ckpt-{self.global_step:08d}-{self.name}",
+            )
+        if self.world > 1:
+            dist.barrier()  # every rank's files are in storage before anyone reads them
+
+
+def worker_setup(job: dict[str, Any]) -> tuple[UniloomConfig, dict[str, Any]]:
+    """The config and this worker's context: rank, world, expert-parallel size, shard."""
+    import ray.train
+
+    # Everything a worker prints (DeepSpeed writes to stdout) goes to stderr, which Ray
+    # forwards to the driver's stderr: the driver's stdout stays for the --json summary.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    cfg = build(UniloomConfig, job["cfg"])
+    torch.set_num_threads(cfg.train.threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    ep = expert_parallel.effective_ep(cfg.train.expert_parallel, world, cfg.model.num_experts)
+    return cfg, {"rank": rank, "world": world, "ep": ep, "shard": ray.train.get_dataset_shard("train")}
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """Ray Train entry point; `job` is built by pipelines/train/trainer.py."""
+    import ray.train
+
+    from uniloom.pipelines.train.recipe import plan_resume
+
+    cfg, ctx = worker_setup(job)
+    t, rank, world = cfg.train, ctx["rank"], ctx["world"]
+    logger = RunLogger(job["mlflow_uri"], job["mlflow_run_id"], active=rank == 0)
+    checkpoint = ray.train.get_checkpoint()
+    stream = None
+    try:
+        with checkpoint.as_directory() if checkpoint else _nothing() as directory:
+            reader = ckpt.Reader(directory) if directory else None
+            resume = plan_resume(t, job["stages"], reader.meta if reader else None, job)
+            resume.reader = reader
+            if reader is not None:  # a restart, or a rerun of the run: recorded in every later checkpoint
+                resume.resumes.append({"global_step": reader.meta["global_step"], "workers": world})
+            stages = resume.todo
+            if checkpoint:
+                _say(rank, f"resuming {checkpoint.path} with {world} worker(s): {resume.describe()}")
+            run = StageRun(cfg, job, stages[0], resume, stream, ctx) if stages else None
+        for i, name in enumerate(stages):
+            start = time.perf_counter()
+            run.run(logger)
+            _say(rank, f"stage {name} done in {time.perf_counter() - start:.1f} s")
+            if i + 1 < len(stages):
+                stream = run.stream
+                del run
+                # The next stage starts from the checkpoint just reported (all ranks' parts).
+                with ray.train.get_checkpoint().as_directory() as directory:
+                    resume = Resume.from_stage_end(ckpt.Reader(directory))
+                    run = StageRun(cfg, job, stages[i + 1], resume, stream, ctx)
+    finally:
+        logger.close()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,160 @@
+"""What a training run measures, and its MLflow side (rank 0 only).
+
+Every rank accumulates a window of steps (`Window`); at a log step the windows are summed
+over ranks with one all-reduce, and rank 0 logs: loss (total, text, flow, aux), loss per
+task kind, tokens/s (per worker and total), learning rate, the expert-load spread of every
+layer, and MLflow's system metrics. At evaluations it adds the expert-load histogram per
+layer (JSON + heat map) and sample images.
+
+A run keeps ONE MLflow run across restarts: the driver creates it once and stores its id
+beside the Ray Train run (`mlflow_run.json` in the run's storage folder); every restart
+and every stage re-attaches to that id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from uniloom.pipelines.train.config import TASK_KINDS
+
+RUN_FILE = "mlflow_run.json"
+RATES = (
+    "tokens_per_s",
+    "tokens_per_s_per_worker",
+    "tokens_per_cpu_s_per_worker",
+)  # reported with checkpoints
+
+
+@dataclass
+class Window:
+    """Sums over the micro steps since the last log."""
+
+    batches: int = 0
+    loss: float = 0.0
+    text: float = 0.0
+    flow: float = 0.0
+    aux: float = 0.0
+    tokens: int = 0
+    task_sum: dict[str, float] = field(default_factory=dict)
+    task_n: dict[str, int] = field(default_factory=dict)
+    expert_load: torch.Tensor | None = None  # (L, E)
+    started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)  # this worker process's CPU time
+
+    def add(self, losses, tokens: int) -> None:
+        self.batches += 1
+        self.loss += losses.total.item()
+        self.text += losses.text.item()
+        self.flow += losses.flow.item()
+        self.aux += losses.aux.item()
+        self.tokens += tokens
+        for k, v in losses.per_task.items():
+            self.task_sum[k] = self.task_sum.get(k, 0.0) + v
+            self.task_n[k] = self.task_n.get(k, 0) + 1
+        load = losses.expert_load.detach().float()
+        self.expert_load = load if self.expert_load is None else self.expert_load + load
+
+    def reduce(self, world: int) -> dict[str, Any]:
+        """Means over all ranks' batches; tokens/s per worker and in total."""
+        keys = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow")]
+        elapsed = time.perf_counter() - self.started
+        cpu = time.process_time() - self.started_cpu
+        head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu]
+        vec = torch.tensor(
+            head + [self.task_sum.get(k, 0.0) for k in keys] + [float(self.task_n.get(k, 0)) for k in keys],
+            dtype=torch.float64,
+        )
+        load = self.expert_load if self.expert_load is not None else torch.zeros(0)
+        if world > 1:
+            dist.all_reduce(vec)
+            dist.all_reduce(load)
+        n = max(vec[0].item(), 1.0)
+        tokens, elapsed, cpu = vec[5].item(), vec[6].item() / world, vec[7].item()
+        out = {
+            "loss": vec[1].item() / n,
+            "loss_text": vec[2].item() / n,
+            "loss_flow": vec[3].item() / n,
+            "loss_aux": vec[4].item() / n,
+            "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_per_worker": tokens / elapsed / world,
+            # Throughput per CPU-second a worker got: what the machinery costs in work, apart
+            # from how much of a shared machine the scheduler gave it.
+            "tokens_per_cpu_s_per_worker": tokens / max(cpu, 1e-9),
+        }
+        sums, counts = vec[8 : 8 + len(keys)], vec[8 + len(keys) :]
+        for k, s, c in zip(keys, sums.tolist(), counts.tolist()):
+            if c:
+                out[f"loss_{k.replace('/', '_')}"] = s / c
+        for layer, row in enumerate(load.tolist() if load.numel() else []):
+            row = np.asarray(row)
+            out[f"expert_load_cv/layer{layer}"] = float(row.std() / max(row.mean(), 1e-9))
+        out["_expert_load"] = load
+        return out
+
+
+class RunLogger:
+    """Rank 0's handle on the run's MLflow run (a no-op on other ranks)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, active: bool):
+        self.active = active and bool(run_id)
+        self.run = None
+        if self.active:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+
+    def metrics(self, values: dict[str, Any], step: int) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in values.items() if not k.startswith("_")}, step=step)
+
+    def expert_histogram(self, load: torch.Tensor, tag: str) -> None:
+        """Per-layer expert loads as JSON and as a heat map (layers x experts)."""
+        if not self.active or load.numel() == 0:
+            return
+        import mlflow
+        from PIL import Image
+
+        frac = load / load.sum(1, keepdim=True).clamp_min(1)
+        mlflow.log_dict({"layers": frac.tolist()}, f"expert_load/{tag}.json")
+        pixels = (255 * frac / frac.max().clamp_min(1e-9)).byte().numpy()
+        image = Image.fromarray(pixels, mode="L").resize(
+            (pixels.shape[1] * 16, pixels.shape[0] * 16), Image.NEAREST
+        )
+        mlflow.log_image(image, f"expert_load/{tag}.png")
+
+    def images(self, images: np.ndarray, tag: str) -> None:
+        """(B, H, W, 3) uint8 samples side by side."""
+        if self.active and len(images):
+            import mlflow
+            from PIL import Image
+
+            mlflow.log_image(Image.fromarray(np.concatenate(list(images), axis=1)), f"samples/{tag}.png")
+
+    def close(self) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.end_run()
+
+
+def resolve_run(fs, run_dir: str, create) -> str:
+    """The MLflow run id stored in the run's folder, or a new run (`create()`) recorded
+    there, so every restart of a Ray Train run logs into the same MLflow run."""
+    path = f"{run_dir}/{RUN_FILE}"
+    if fs.exists(path):
+        return json.loads(fs.cat_file(path))["run_id"]
+    run_id = create()
+    fs.makedirs(run_dir, exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(json.dumps({"run_id": run_id}))
+    return run_id

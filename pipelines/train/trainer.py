@@ -1,0 +1,251 @@
+"""`uniloom train`: the driver of a Ray Train + DeepSpeed run of the unified model.
+
+    shards (manifest) -> fingerprint checks -> ray.data.read_parquet -> TorchTrainer
+    (ScalingConfig workers, RunConfig name + storage_path, FailureConfig(max_failures),
+    one streaming split per worker; pipelines/train/loop.py) -> final checkpoint ->
+    consolidated safetensors -> MLflow (one run for the whole training run, across
+    restarts; registered model `uniloom-univision`)
+
+Rerunning with the same run name and storage resumes from the run's latest checkpoint
+(with any number of workers); a worker that dies mid-run is restarted by Ray Train from
+that checkpoint, up to `train.max_failures` times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.data.fs import join, open_fs
+from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.train import recipe
+from uniloom.pipelines.train.data import check_image_tokenizer, find_shards, read_dataset
+
+REGISTERED_NAME = "uniloom-univision"
+
+
+@contextlib.contextmanager
+def ray_output_on_stderr():
+    """For commands that end with a --json line: what Ray forwards from its processes
+    (worker output, raylet warnings) goes to stderr, and Ray is shut down before the
+    summary, so no late log line follows it on stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+def shards_uri(cfg: UniloomConfig) -> str:
+    from pathlib import Path
+
+    return cfg.train.shards or str(Path(cfg.workspace).resolve() / "data")
+
+
+def storage_uri(cfg: UniloomConfig) -> str:
+    from pathlib import Path
+
+    return cfg.train.storage or str(Path(cfg.workspace).resolve() / "ray_results")
+
+
+def run_name(cfg: UniloomConfig) -> str:
+    return cfg.train.run_name or f"univision-{cfg.preset}"
+
+
+def export_path(cfg: UniloomConfig) -> str:
+    from pathlib import Path
+
+    return cfg.train.export or str(Path(cfg.workspace).resolve() / "univision" / "univision.safetensors")
+
+
+def effective_config(cfg: UniloomConfig) -> tuple[UniloomConfig, str]:
+    """The config as the data stage saw it (the MingTok weights' own architecture and
+    resolved path: pipelines/data/image_tokenizer.resolve_weights), and the MingTok
+    fingerprint the shards must carry."""
+    from uniloom.pipelines.data.image_tokenizer import fingerprint, resolve_weights
+
+    uri, weights, mingtok = resolve_weights(cfg)
+    cfg = dataclasses.replace(cfg, mingtok=mingtok, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
+    m = cfg.model
+    if (m.semantic_dim, m.latent_dim) != (mingtok.sem_width, mingtok.latent_dim):
+        raise UniloomError(
+            f"model.semantic_dim/latent_dim ({m.semantic_dim}/{m.latent_dim}) must equal the MingTok's "
+            f"semantic width/latent dim ({mingtok.sem_width}/{mingtok.latent_dim}, from {uri})"
+        )
+    return cfg, fingerprint(mingtok, weights)
+
+
+def expert_parallel_size(cfg: UniloomConfig, workers: int) -> int:
+    from uniloom.pipelines.train.expert_parallel import effective_ep
+
+    return effective_ep(cfg.train.expert_parallel, workers, cfg.model.num_experts)
+
+
+def text_tokenizer(shards_uri_: str, storage_options: dict):
+    from uniloom.pipelines.data.text_tokenizer import load_from_output
+
+    return load_from_output(shards_uri_, storage_options)
+
+
+def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[str, Any]:
+    """Checks that need no Ray, and the job description every worker gets (`cfg` as
+    `effective_config` returns it)."""
+    d = cfg.data
+    shards = find_shards(shards_uri(cfg), d.storage_options)
+    check_image_tokenizer(shards, image_fp, d.tokenizer_weights)
+    tok = text_tokenizer(shards.uri, d.storage_options)
+    if tok.get_vocab_size() > cfg.model.vocab_size:
+        raise UniloomError(
+            f"the shards' text tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size >= {tok.get_vocab_size()}"
+        )
+    prompt_ids = [tok.encode(p, add_special_tokens=False).ids for p in cfg.train.eval_prompts]
+    return {
+        "cfg": to_dict(cfg),
+        "stages": stages,
+        "image_tokenizer": image_fp,
+        "text_tokenizer": shards.text_tokenizer,
+        "tokenizer_weights": d.tokenizer_weights,
+        "eval_prompt_ids": prompt_ids,
+        "shards": shards,
+    }
+
+
+def _mlflow_run(cfg: UniloomConfig, fs, run_dir: str, name: str) -> tuple[str, str]:
+    """(tracking uri, run id): the run's MLflow run, created on first use and nested
+    under the workflow's run when there is one."""
+    import mlflow
+
+    from uniloom.pipelines.tracking import configure, log_config
+    from uniloom.pipelines.train.metrics import resolve_run
+
+    configure(cfg)
+
+    def create() -> str:
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(run_name=name, nested=nested, tags={"uniloom.stage": "train"}) as run:
+            log_config(cfg)
+        return run.info.run_id
+
+    return mlflow.get_tracking_uri(), resolve_run(fs, run_dir, create)
+
+
+def _storage_filesystem(storage: str, storage_options: dict):
+    """Ray Train's pyarrow filesystem for a URL storage (None: a local path)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from uniloom.pipelines.data.fs import is_local
+
+    fs, path = open_fs(storage, storage_options)
+    return (None, storage) if is_local(fs) else (PyFileSystem(FSSpecHandler(fs)), path)
+
+
+def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from uniloom.pipelines.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    options = ray.data.ExecutionOptions()
+    options.preserve_order = True  # the split's assignment of rows to workers follows the seed
+    dataset = read_dataset(job.pop("shards"), t)
+    filesystem, storage = _storage_filesystem(storage_uri(cfg), cfg.data.storage_options)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name(cfg),
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
+    )
+    return trainer.fit()
+
+
+def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = None,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Train the requested stages (all: the recipe), export, register; the summary."""
+    from uniloom.pipelines.raycluster import init_ray
+
+    started = time.perf_counter()
+    t = cfg.train
+    workers = workers or t.workers
+    stages = recipe.select(t, stage)
+    cfg, image_fp = effective_config(cfg)
+    job = prepare_job(cfg, stages, image_fp)
+    fs, storage = open_fs(storage_uri(cfg), cfg.data.storage_options)
+    run_dir = join(storage, run_name(cfg))
+    expert_parallel_size(cfg, workers)
+    plan = recipe.plan_resume(t, stages, recipe.latest_meta(fs, run_dir), job)  # raises on a bad order
+    echo(f"run {run_name(cfg)} in {storage_uri(cfg)}: {plan.describe()}")
+    job["mlflow_uri"], job["mlflow_run_id"] = _mlflow_run(cfg, fs, run_dir, run_name(cfg))
+    init_ray(cfg.ray)
+    echo(f"training {', '.join(plan.todo) or 'nothing'} on {workers} worker(s), expert-parallel size "
+         f"{expert_parallel_size(cfg, workers)}, ZeRO {t.zero_stage}, {t.precision}")  # fmt: skip
+    result = run_trainer(cfg, job, workers)
+    if result.error is not None:
+        raise UniloomError(f"training failed: {result.error}")
+    if result.checkpoint is None:
+        raise UniloomError(f"run {run_name(cfg)} produced no checkpoint")
+    summary = finish(cfg, result, job)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
+    """Export the last checkpoint as one safetensors file; log and register it."""
+    from uniloom.pipelines.train.checkpoint import Reader, export
+    from uniloom.pipelines.train.metrics import RATES
+    from uniloom.pipelines.train.registry import log_and_register
+
+    with result.checkpoint.as_directory() as directory:
+        reader = Reader(directory)
+        meta = reader.meta
+        metadata = {
+            "model": to_dict(cfg.model),
+            "mingtok": to_dict(cfg.mingtok),
+            "image_tokenizer": job["image_tokenizer"],
+            "text_tokenizer": job["text_tokenizer"],
+            "stage": meta["stage"],
+            "global_step": meta["global_step"],
+        }
+        out = export(reader, export_path(cfg), metadata)
+    model_info = log_and_register(cfg, out, job, meta)
+    losses = meta["losses"]
+    return {
+        "run": run_name(cfg),
+        "storage": storage_uri(cfg),
+        "checkpoint": str(result.checkpoint.path),
+        "stage": meta["stage"],
+        "stage_done": meta["done"],
+        "global_step": meta["global_step"],
+        "workers_last": meta["world"],
+        "loss_first": losses[0][2] if losses else None,
+        "loss_last": losses[-1][2] if losses else None,
+        "loss_curve": losses,
+        "resumes": meta["resumes"],
+        "export": str(out),
+        "mlflow_run_id": job["mlflow_run_id"],
+        "registered_model": REGISTERED_NAME if cfg.train.register else None,
+        "registered_version": getattr(model_info, "registered_model_version", None),
+        **{k: result.metrics[k] for k in RATES if k in (result.metrics or {})},
+    }

@@ -1,0 +1,125 @@
+"""`uniloom train` end to end on shards made by the real data stage: the four-stage recipe
+on 2 Ray Train workers (gloo), DeepSpeed with the experts split over both workers, and
+the refusal of shards tokenized by another MingTok."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from trainshards import STEPS, config_file, make_shards, uniloom
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    return make_shards(tmp_path_factory.getbasetemp() / "train-shards", ray_local)
+
+
+@pytest.fixture(scope="module")
+def recipe_run(data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("recipe")
+    cfg = config_file(work / "train.yaml", data, work / "ws")
+    result = uniloom("train", "--config", str(cfg), "--recipe", "--workers", "2", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work, json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_the_four_stages_run_on_two_workers_and_the_loss_falls(recipe_run, report):
+    work, summary, stderr = recipe_run
+    assert summary["stage"] == "edit" and summary["global_step"] == sum(STEPS.values())
+    assert summary["workers_last"] == 2
+    curve = summary["loss_curve"]
+    assert [stage for _, stage, _ in curve][:: len(curve) - 1] == ["align", "edit"]
+    assert {stage for _, stage, _ in curve} == set(STEPS)
+    losses = [loss for *_, loss in curve]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.5, curve
+    for name in STEPS:
+        assert re.search(rf"\[train \+\d+s\] stage {name} done", stderr)
+    report(f"recipe, 2 workers, ep 2: loss {first:.3f} -> {last:.3f} over {summary['global_step']} steps, "
+           f"{summary['seconds']} s")  # fmt: skip
+
+
+def test_every_rank_wrote_its_own_experts_into_the_checkpoint(recipe_run):
+    work, summary, _ = recipe_run
+    folder = Path(summary["checkpoint"])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert (meta["world"], meta["ep"], meta["stage"], meta["step"]) == (2, 2, "edit", STEPS["edit"])
+    starts = []
+    for rank in range(2):
+        pieces = json.loads((folder / f"rank-{rank:05d}.json").read_text())["pieces"]
+        starts.append({p["start"] for p in pieces if p["name"] == "model.layers.0.moe.experts.w1_EFD"})
+    rows = 64 * 64  # one expert of w1 (F x D) in the small model
+    assert starts == [{0}, {2 * rows}]  # rank 0: experts 0-1, rank 1: experts 2-3
+
+
+def test_the_export_is_one_consolidated_safetensors_model(recipe_run):
+    from uniloom.pipelines.train.registry import load_export
+
+    _, summary, _ = recipe_run
+    model, tokenizer, metadata = load_export(summary["export"])
+    assert model.layers[0].moe.experts.w1_EFD.shape[0] == 4  # whole again
+    assert metadata["stage"] == "edit" and metadata["global_step"] == summary["global_step"]
+    assert tokenizer.cfg.num_tokens == 16
+
+
+def test_mlflow_holds_one_run_with_the_training_record(recipe_run):
+    from mlflow.tracking import MlflowClient
+
+    work, summary, _ = recipe_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'ws' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    run = runs[0]
+    metrics = set(run.data.metrics)
+    assert {
+        "loss",
+        "loss_text",
+        "loss_flow",
+        "lr",
+        "tokens_per_s_per_worker",
+        "expert_load_cv/layer1",
+    } <= metrics
+    assert {"loss_understanding_text", "loss_text_to_image_flow", "loss_editing_flow"} <= metrics
+    assert any(m.startswith("system/") for m in metrics)
+    assert run.data.params["train.expert_parallel"] == "2"
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert len(samples) == 4  # an evaluation at the end of each stage
+    histograms = [
+        a.path for a in client.list_artifacts(run.info.run_id, "expert_load") if a.path.endswith(".json")
+    ]
+    assert len(histograms) == 4
+    versions = client.search_model_versions("name='uniloom-univision'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_the_registered_model_draws_images_from_captions(recipe_run):
+    import mlflow
+
+    work, _, _ = recipe_run
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'ws' / 'mlflow.db'}")
+    try:  # models from code: loading runs pipelines/train/pyfunc_model.py, unpickles nothing
+        images = mlflow.pyfunc.load_model("models:/uniloom-univision/1").predict(
+            ["a red circle", "two squares"]
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+
+
+def test_shards_of_another_mingtok_are_refused(data, tmp_path, cli):
+    from trainshards import SMALL_MINGTOK
+
+    from uniloom.models.mingtok_config import MingTokConfig
+    from uniloom.pipelines.data.image_tokenizer import save_random_weights
+
+    other = save_random_weights(MingTokConfig(**SMALL_MINGTOK), str(tmp_path / "other.safetensors"), seed=9)
+    cfg = config_file(tmp_path / "train.yaml", {**data, "weights": other}, tmp_path / "ws")
+    result = cli("train", "--config", str(cfg), cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "were tokenized by MingTok" in line and "other.safetensors" in line, line
+    assert not (tmp_path / "ws" / "ray_results").exists()  # refused before any training started
