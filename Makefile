@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: env test lint unit integration demo clean
+.PHONY: env test lint unit integration demo bench clean
 
 env: $(STAMP)
 
@@ -38,6 +38,12 @@ test: lint $(STAMP)
 # The whole workflow on the embedded default: tiny preset, local Ray, MLflow on SQLite, CPU.
 demo: $(STAMP)
 	$(BIN)/uniloom run --workspace workspace
+
+# Speed targets: each prints ratios measured side by side in one run (see `uniloom bench --help`).
+bench: $(STAMP)
+	$(BIN)/uniloom bench tokenizer
+	$(BIN)/uniloom bench data
+	$(BIN)/uniloom bench train
 
 clean:
 	rm -rf workspace .ruff_cache

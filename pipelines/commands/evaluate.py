@@ -12,6 +12,9 @@ from uniloom.pipelines.errors import UniloomError
 MODEL_HELP = "Exported safetensors file or MLflow URI, e.g. models:/uniloom-univision@champion [default: the workspace's export]."
 
 
+STEPS_HELP = "Flow-matching sampling steps per latent [default: the model's]."
+
+
 def _save(images, out: Path, stem: str) -> list[str]:
     from PIL import Image
 
@@ -51,9 +54,12 @@ def evaluate(model: str | None, cfg, as_json: bool) -> None:
 )
 @click.option("--num", type=int, default=1, show_default=True, help="Images for the prompt.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, help=STEPS_HELP)
 @config_options
 @json_option
-def generate(prompt: str, model: str | None, out: Path, num: int, seed: int, cfg, as_json: bool) -> None:
+def generate(
+    prompt: str, model: str | None, out: Path, num: int, seed: int, steps, cfg, as_json: bool
+) -> None:
     """Generate images from a text PROMPT."""
     import torch
 
@@ -69,7 +75,11 @@ def generate(prompt: str, model: str | None, out: Path, num: int, seed: int, cfg
     ids = bundle.encode(prompt)
     with torch.no_grad():
         turn = generate_images(
-            bundle.model, bundle.tokenizer, [ids] * num, generator=torch.Generator().manual_seed(seed)
+            bundle.model,
+            bundle.tokenizer,
+            [ids] * num,
+            steps=steps,
+            generator=torch.Generator().manual_seed(seed),
         )
     emit({"prompt": prompt, "images": _save(to_uint8(turn.images), out, "generated")}, as_json)
 
@@ -80,10 +90,18 @@ def generate(prompt: str, model: str | None, out: Path, num: int, seed: int, cfg
 @click.option("--model", help=MODEL_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="edited", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, help=STEPS_HELP)
 @config_options
 @json_option
 def edit(
-    image: Path, instructions: tuple[str, ...], model: str | None, out: Path, seed: int, cfg, as_json: bool
+    image: Path,
+    instructions: tuple[str, ...],
+    model: str | None,
+    out: Path,
+    seed: int,
+    steps,
+    cfg,
+    as_json: bool,
 ) -> None:
     """Edit IMAGE over one or more rounds; later rounds continue from the model's cache."""
     import torch
@@ -101,7 +119,7 @@ def edit(
     with torch.no_grad():
         for round_index, text in enumerate(instructions):
             turn = edit_round(bundle.model, bundle.tokenizer, state, [bundle.encode(text)],
-                              source_images=source if state is None else None, generator=gen)  # fmt: skip
+                              source_images=source if state is None else None, steps=steps, generator=gen)  # fmt: skip
             state = turn.state
             paths += _save(to_uint8(turn.images), out, f"round{round_index + 1}")
     emit({"image": str(image), "instructions": list(instructions), "images": paths}, as_json)

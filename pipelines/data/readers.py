@@ -22,21 +22,11 @@ import pyarrow as pa
 
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.fs import open_fs
+from uniloom.pipelines.data.schema import RAW_SCHEMA
 from uniloom.pipelines.data.stages import OK, QUARANTINED
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 META_FIELDS = ("json", "meta")
-
-RAW_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("image", pa.binary()),
-        ("caption", pa.string()),
-        ("meta", pa.string()),
-        ("status", pa.int8()),
-        ("reason", pa.string()),
-    ]
-)
 
 
 class ShardError(Exception):

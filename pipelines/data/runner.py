@@ -93,6 +93,9 @@ def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committ
     # Ray Data coalesces a read task's output into blocks of up to 128 MiB: a whole shard of
     # compressed images. Blocks of block_rows rows let every actor work on one shard.
     ds = ds.repartition(target_num_rows_per_block=e.block_rows)
+    # Its tasks would ask 1 CPU (repartition takes no remote args): on a cluster of 1-CPU
+    # nodes where the encoder actors hold half of each, such a task never schedules.
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = e.task_cpus
     ds = ds.map_batches(
         Prepare(d, cfg.mingtok.image_size, text),
         batch_format="pyarrow",

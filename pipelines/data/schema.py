@@ -13,18 +13,19 @@ import pyarrow as pa
 IDS = pa.list_(pa.int32())
 VQA = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 
-# What the read tasks emit: the reader's columns plus the shard and, on the marker row,
-# how many rows the shard had.
-SOURCE_FIELDS = [
-    ("shard", pa.string()),
+# What a reader emits per row.
+RAW_FIELDS = [
     ("key", pa.string()),
     ("image", pa.binary()),
     ("caption", pa.string()),
     ("meta", pa.string()),
     ("status", pa.int8()),
     ("reason", pa.string()),
-    ("shard_rows", pa.int64()),
 ]
+RAW_SCHEMA = pa.schema(RAW_FIELDS)
+# What the read tasks emit: the reader's columns plus the shard and, on the marker row,
+# how many rows the shard had.
+SOURCE_FIELDS = [("shard", pa.string()), *RAW_FIELDS, ("shard_rows", pa.int64())]
 SOURCE_SCHEMA = pa.schema(SOURCE_FIELDS)
 
 # Columns every stage passes along unchanged, then what decoding and tokenizing add.

@@ -1,5 +1,5 @@
 """The exported unified model: loading it back, and MLflow's `uniloom-univision`, a pyfunc
-that turns captions into images (B, H, W, 3) uint8 with the model's guided generation."""
+that generates images from prompts, answers questions about images and edits images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 
 from uniloom.pipelines.train.trainer import REGISTERED_NAME
 
@@ -35,6 +34,26 @@ def load_export(path: str | Path):
     return model.eval(), tokenizer.eval(), metadata
 
 
+TASKS = ("generate", "answer", "edit")
+
+
+def signature():
+    """Rows of (prompt, optional image as PNG/JPEG bytes, optional task) in; rows of
+    (image as PNG bytes, text) out. `generate` draws the prompt (text empty), `answer`
+    answers the prompt about the image (image empty), `edit` edits the image as the
+    prompt says. Binary columns travel base64-encoded in MLflow's JSON."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image", required=False),
+                       ColSpec("string", "task", required=False)]),
+        outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text")]),
+        params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("steps", "long", 0),
+                            ParamSpec("max_new_tokens", "long", 32)]),
+    )  # fmt: skip
+
+
 class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from tokenizers import Tokenizer
@@ -42,17 +61,56 @@ class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, _ = load_export(context.artifacts["weights"])
         self.text = Tokenizer.from_file(context.artifacts["text_tokenizer"])
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
         import torch
 
-        from uniloom.models.generation import generate
-        from uniloom.pipelines.tokenizer.data import to_uint8
+        from uniloom.models.generation import generate, generate_text
+        from uniloom.pipelines.evaluate.univision import Bundle
+        from uniloom.pipelines.tokenizer.data import decode_image, to_unit
 
-        prompts = list(model_input["prompt"] if isinstance(model_input, dict) else model_input)
-        ids = [self.text.encode(str(p), add_special_tokens=False).ids for p in prompts]
-        seed = int((params or {}).get("seed", 0))
-        out = generate(self.model, self.tokenizer, ids, generator=torch.Generator().manual_seed(seed))
-        return to_uint8(out.images)
+        rows = (
+            model_input
+            if isinstance(model_input, pd.DataFrame)
+            else pd.DataFrame({"prompt": list(model_input)})
+        )
+        params = {"seed": 0, "steps": 0, "max_new_tokens": 32, **(params or {})}
+        bundle = Bundle(self.model, self.tokenizer, self.text, {})
+        size = self.tokenizer.cfg.image_size
+        out_images, out_text = [], []
+        for i, row in enumerate(rows.to_dict("records")):
+            task = row.get("task") or "generate"
+            if task not in TASKS:
+                raise ValueError(f"row {i}: unknown task {task!r}; one of {', '.join(TASKS)}")
+            image = row.get("image")
+            if task != "generate" and not isinstance(image, (bytes, bytearray)):
+                raise ValueError(f"row {i}: task {task!r} needs an image")
+            source = to_unit(decode_image(image, size, f"row {i}")[None]) if task != "generate" else None
+            ids = [bundle.encode(str(row["prompt"]))]
+            gen = torch.Generator().manual_seed(int(params["seed"]))
+            if task == "answer":
+                turn = generate_text(self.model, ids, tokenizer=self.tokenizer, images=source,
+                                     max_new_tokens=int(params["max_new_tokens"]))  # fmt: skip
+                out_images.append(b"")
+                out_text.append(bundle.decode(turn.ids[0]))
+            else:
+                turn = generate(self.model, self.tokenizer, ids, source_images=source,
+                                steps=int(params["steps"]) or None, generator=gen)  # fmt: skip
+                out_images.append(_encode_png(turn.images[0]))
+                out_text.append("")
+        return pd.DataFrame({"image": out_images, "text": out_text})
+
+
+def _encode_png(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    from uniloom.pipelines.tokenizer.data import to_uint8
+
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image[None])[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _requirements() -> list[str]:
@@ -79,6 +137,7 @@ def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, An
                 name="univision",
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
                 artifacts={"weights": str(weights), "text_tokenizer": str(tok_path)},
+                signature=signature(),
                 pip_requirements=_requirements(),
                 registered_model_name=REGISTERED_NAME if cfg.train.register else None,
             )

@@ -48,6 +48,27 @@ def test_submitted_job_runs_uploaded_code_and_writes_output(cluster, cli, tmp_pa
     assert len(list(out_dir.glob("*.tar"))) == 2
 
 
+def test_a_submitted_job_runs_the_tiny_data_stage_on_the_cluster(cluster, cli, tmp_path):
+    """The uploaded project's data stage runs inside the job, on the cluster's Ray."""
+    import pyarrow.parquet as pq
+
+    from uniloom.pipelines.config import CorpusConfig, load_config
+    from uniloom.pipelines.corpus.synth import synthesize
+    from uniloom.pipelines.data.image_tokenizer import save_random_weights
+
+    synthesize(CorpusConfig(num=24, shards=2, size=64, seed=3), tmp_path / "corpus")
+    weights = save_random_weights(load_config("tiny").mingtok, str(tmp_path / "mingtok.safetensors"))
+    result = cli(
+        "submit", "--address", cluster.address, "--token-path", str(cluster.token_path), "--json", "--",
+        "data", "run", "--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "shards"),
+        "--set", f"data.tokenizer_weights={weights}", "--set", f"workspace={tmp_path / 'ws'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    table = pq.read_table([str(p) for p in sorted((tmp_path / "shards" / "shards").glob("*.parquet"))])
+    assert table.num_rows == 24 and len(set(table.column("key").to_pylist())) == 24
+
+
 def test_failing_job_exits_nonzero_and_bad_token_is_refused(cluster, cli, tmp_path):
     failed = cli("submit", "--address", cluster.address, "--token-path", str(cluster.token_path), "--",
                  "corpus", "synth", "--out", str(tmp_path), "--num", "0")  # fmt: skip

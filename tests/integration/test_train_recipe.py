@@ -95,19 +95,107 @@ def test_mlflow_holds_one_run_with_the_training_record(recipe_run):
     assert [v.run_id for v in versions] == [run.info.run_id]
 
 
-def test_the_registered_model_draws_images_from_captions(recipe_run):
-    import mlflow
+@pytest.fixture(scope="module")
+def champion(recipe_run):
+    """The registry as the workflow's register stage leaves it: version 1 is `champion`."""
+    from mlflow.tracking import MlflowClient
 
     work, _, _ = recipe_run
+    uri = f"sqlite:///{work / 'ws' / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).set_registered_model_alias("uniloom-univision", "champion", "1")
+    return uri
+
+
+def _png(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_the_registered_model_generates_answers_and_edits(champion):
+    import mlflow
+    import pandas as pd
+
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'ws' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(champion)
     try:  # models from code: loading runs pipelines/train/pyfunc_model.py, unpickles nothing
-        images = mlflow.pyfunc.load_model("models:/uniloom-univision/1").predict(
-            ["a red circle", "two squares"]
-        )
+        model = mlflow.pyfunc.load_model("models:/uniloom-univision@champion")
+        drawn = model.predict(pd.DataFrame({"prompt": ["a red circle", "two squares"]}), params={"steps": 2})
+        png = drawn["image"][0]
+        rows = pd.DataFrame({"prompt": ["what colour is the circle?", "make it blue"], "image": [png, png],
+                             "task": ["answer", "edit"]})  # fmt: skip
+        other = model.predict(rows, params={"steps": 2, "max_new_tokens": 4})
+        with pytest.raises(Exception, match="needs an image"):
+            model.predict(pd.DataFrame({"prompt": ["x"], "task": ["edit"]}))
     finally:
         mlflow.set_tracking_uri(previous)
-    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+    assert list(drawn.columns) == ["image", "text"] and list(drawn["text"]) == ["", ""]
+    assert [_png(b).shape for b in drawn["image"]] == [(32, 32, 3)] * 2
+    assert isinstance(other["text"][0], str) and other["image"][0] == b""
+    assert _png(other["image"][1]).shape == (32, 32, 3) and other["text"][1] == ""
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == ["prompt", "image", "task"]
+    assert signature.outputs.input_names() == ["image", "text"]
+
+
+def test_mlflow_serves_the_champion_on_loopback(champion, tmp_path):
+    """`mlflow models serve -m models:/uniloom-univision@champion` answers a generation
+    request over HTTP; the server listens on 127.0.0.1 only."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from localcluster import free_port
+
+    port, bin_dir = free_port(), str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/uniloom-univision@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        body = json.dumps(
+            {"dataframe_records": [{"prompt": "a red circle"}], "params": {"seed": 1, "steps": 2}}
+        )
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    [prediction] = answer["predictions"]
+    assert _png(base64.b64decode(prediction["image"])).shape == (32, 32, 3)
+    assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
+
+
+def test_uniloom_generate_uses_the_same_registry(champion, recipe_run, tmp_path, cli):
+    work, _, _ = recipe_run
+    result = cli("generate", "a red circle", "--model", "models:/uniloom-univision@champion", "--out",
+                 str(tmp_path / "out"), "--num", "2", "--set", f"tracking.tracking_uri={champion}",
+                 "--steps", "2", "--json", cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = json.loads(result.stdout.strip().splitlines()[-1])["images"]
+    assert [_png(Path(p).read_bytes()).shape for p in paths] == [(32, 32, 3)] * 2
 
 
 def test_shards_of_another_mingtok_are_refused(data, tmp_path, cli):

@@ -68,3 +68,28 @@ def test_corrupt_state_and_unreachable_tracking_server_fail_clearly(tmp_path):
     )
     with pytest.raises(UniloomError, match=r"http://127.0.0.1:9 is unreachable"):
         run_workflow(cfg, _stages(tmp_path, []), echo=lambda m: None)
+
+
+@pytest.mark.parametrize("server", ["closed port", "silent server"])
+def test_uniloom_run_with_an_unreachable_tracking_server_fails_at_once(server, tmp_path, cli):
+    """Nothing listens, or a server accepts and never answers: one line naming the URI,
+    before any stage starts (the subprocess timeout is the hang guard)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if server == "silent server":
+        listener.listen(8)
+    else:
+        listener.close()
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        result = cli(
+            "run", "--workspace", str(tmp_path / "ws"), "--set", f"tracking.tracking_uri={uri}", timeout=60
+        )
+    finally:
+        listener.close()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"MLflow tracking server {uri} is unreachable" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ws" / "corpus").exists()
