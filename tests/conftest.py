@@ -57,9 +57,10 @@ def cli():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the session, bound to loopback, 2 CPUs."""
-    import ray
+    """One local Ray instance for the session, the embedded default's (on loopback), 2 CPUs."""
+    from uniloom.pipelines.config import RayConfig
+    from uniloom.pipelines.raycluster import init_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray = init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()

@@ -125,7 +125,10 @@ def data_bench(images: int, shards: int, work: str | None, cfg, as_json: bool) -
 @click.option("--steps", default=10, show_default=True, help="Optimizer steps per timed window.")
 @click.option("--rounds", default=3, show_default=True, help="Timed windows of each side, alternating.")
 @click.option(
-    "--images", default=512, show_default=True, help="Rendered scenes the data stage tokenizes for the bench."
+    "--images",
+    default=4096,
+    show_default=True,
+    help="Rendered scenes the data stage tokenizes for the bench (a small set restarts its epoch every few steps).",
 )
 @click.option("--work", type=click.Path(file_okay=False), help="Working folder [default: a temporary one].")
 @config_options

@@ -43,8 +43,9 @@ class LocalCluster:
         self.dashboard_port = free_port()
         self.cpus = cpus_per_node
         self.sessions: set[int] = set()
+        inherited = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
         self.env = {
-            **os.environ,
+            **inherited,
             "PATH": f"{BIN}:{os.environ['PATH']}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
