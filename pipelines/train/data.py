@@ -195,10 +195,6 @@ class Packer:
         self.samples, self.used_rows, self.used = [], 0, self.seq_len
         return batch
 
-    @property
-    def pending(self) -> int:
-        return len(self.samples)
-
 
 # ----------------------------------------------------------------------------- the stream
 

@@ -150,6 +150,8 @@ class StageRun:
         values = window.reduce(self.world)
         values["lr"] = self.engine.get_lr()[0]
         values["stage_index"] = list(self.t.stages).index(self.name)
+        # rows whose sample exceeds seq_len are skipped, never silently: counted here
+        values["samples_too_long"] = float(self.stream.sampler.too_long)
         self.last_load = values["_expert_load"]
         self.last_rates = {k: values[k] for k in RATES}
         self.losses.append([self.global_step, self.name, round(values["loss"], 5)])
