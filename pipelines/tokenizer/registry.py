@@ -28,16 +28,12 @@ class MingTokPyfunc(mlflow.pyfunc.PythonModel):
             return self.model.encode(x).numpy()
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "safetensors", "mlflow", "uniloom")]
-
-
 def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim: int, register: bool):
     """Log the pyfunc into the active run; register it when `register`. Returns the model info."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from uniloom.pipelines.tracking import pinned_requirements
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3), "images")]),
@@ -48,6 +44,6 @@ def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim
         python_model=MingTokPyfunc(),
         artifacts={"weights": str(weights)},
         signature=signature,
-        pip_requirements=_requirements(),
+        pip_requirements=pinned_requirements("torch", "numpy", "safetensors", "mlflow", "uniloom"),
         registered_model_name=REGISTERED_NAME if register else None,
     )

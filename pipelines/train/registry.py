@@ -113,17 +113,11 @@ def _encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = ("torch", "numpy", "safetensors", "tokenizers", "mlflow", "uniloom")
-    return [f"{name}=={version(name)}" for name in names]
-
-
 def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, Any]):
     """Log the pyfunc into the training run; register it when `train.register`."""
     import mlflow
 
+    from uniloom.pipelines.tracking import pinned_requirements
     from uniloom.pipelines.train.trainer import shards_uri, text_tokenizer
 
     tok = text_tokenizer(shards_uri(cfg), cfg.data.storage_options)
@@ -138,6 +132,8 @@ def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, An
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
                 artifacts={"weights": str(weights), "text_tokenizer": str(tok_path)},
                 signature=signature(),
-                pip_requirements=_requirements(),
+                pip_requirements=pinned_requirements(
+                    "torch", "numpy", "safetensors", "tokenizers", "mlflow", "uniloom"
+                ),
                 registered_model_name=REGISTERED_NAME if cfg.train.register else None,
             )

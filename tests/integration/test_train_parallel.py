@@ -4,19 +4,13 @@ a checkpoint written by 2 ranks (ZeRO 1, experts split 2 ways) resumes exactly o
 and loads on 1 rank (experts whole, ZeRO partitions merged)."""
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 import trainworkers
+from localcluster import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_expert_parallel_layers_match_the_single_device_model():
