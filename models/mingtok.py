@@ -123,18 +123,21 @@ def resize_pos_embed(pos: torch.Tensor, grid: int, hw: tuple[int, int]) -> torch
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
     """(1, grid * grid, width) sin-cos embedding of a raster-ordered grid, scaled to std 0.1:
     strong enough to matter beside the patch embeddings at initialisation."""
-    quarter = width // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
-    ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angle = coord[:, None] * freq[None, :]  # (grid * grid, width / 4)
-        parts += [angle.sin(), angle.cos()]
-    emb = torch.cat(parts, dim=1)
-    emb = torch.cat([emb, torch.zeros(grid * grid, width - emb.shape[1], dtype=emb.dtype)], dim=1)
-    return (0.1 * emb / emb.std()).float().unsqueeze(0)
+    # On the CPU even when the model is built on the meta device: meta-device arange runs
+    # through decompositions that import torch._dynamo (a second per data-stage actor).
+    with torch.device("cpu"):
+        quarter = width // 4
+        freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+        ys, xs = torch.meshgrid(
+            torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+        )
+        parts = []
+        for coord in (ys.flatten(), xs.flatten()):
+            angle = coord[:, None] * freq[None, :]  # (grid * grid, width / 4)
+            parts += [angle.sin(), angle.cos()]
+        emb = torch.cat(parts, dim=1)
+        emb = torch.cat([emb, torch.zeros(grid * grid, width - emb.shape[1], dtype=emb.dtype)], dim=1)
+        return (0.1 * emb / emb.std()).float().unsqueeze(0)
 
 
 def square_grid(n: int) -> int:

@@ -1,6 +1,6 @@
 """The CPU half of the pipeline, composed from the config: caption filters, decode and
 validate, size filters, resize + centre crop, hashes, edit targets, text tokenization.
-One call per block; Ray Data fuses it into the read tasks."""
+One call per block; Ray Data fuses it with the MingTok encoder into the actor pool."""
 
 from __future__ import annotations
 
