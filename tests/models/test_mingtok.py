@@ -171,3 +171,20 @@ def test_paper_preset_matches_the_model_spec(report):
     )
     assert 80e6 < counts["encoder"] < 95e6  # a ViT-B/32 with a 32-d head
     assert 290e6 < counts["semantic_decoder"] < 320e6  # ViT-L-sized, 24 x 1024
+
+
+def test_building_on_the_meta_device_stays_cheap():
+    """Data-stage actors build MingTok on the meta device before loading the encoder's
+    weights; a meta-device op at init used to import torch._dynamo (a second each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from uniloom.models.mingtok import MingTok, MingTokConfig\n"
+        "with torch.device('meta'):\n"
+        "    MingTok(MingTokConfig())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
