@@ -37,8 +37,10 @@ def loss_weights(t: TokenizerConfig) -> LossWeights:
 
 
 def random_mask(batch: int, tokens: int, t: TokenizerConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B, N) bool: the first masked_fraction of the rows mask mask_ratio of their patches."""
-    rows = round(batch * t.masked_fraction)
+    """(B, N) bool: the first masked_fraction of the rows (at least one when it is above
+    zero, so small per-worker batches still train the masked losses) mask mask_ratio of
+    their patches."""
+    rows = max(1, round(batch * t.masked_fraction)) if t.masked_fraction > 0 else 0
     count = round(tokens * t.mask_ratio)
     mask = torch.zeros(batch, tokens, dtype=torch.bool)
     if rows and count:

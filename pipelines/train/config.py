@@ -65,6 +65,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # Ray resources per worker (fractional on small machines)
     use_gpu: bool = False
     threads: int = 1  # torch intra-op threads per worker
+    # CPU runs: each worker of a node on its own slice of the node's cores, as DeepSpeed's
+    # launcher does with --bind_cores_to_rank (lock-stepped ranks never share a core)
+    bind_cores: bool = True
     expert_parallel: int = 2  # ranks that split the experts; clipped to the number of workers
     zero_stage: Literal[0, 1, 2] = 1
     precision: Literal["fp32", "bf16"] = "fp32"

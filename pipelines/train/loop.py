@@ -205,6 +205,24 @@ class StageRun:
             dist.barrier()  # every rank's files are in storage before anyone reads them
 
 
+def core_slice(cores: list[int], local_rank: int, local_world: int) -> list[int]:
+    """This worker's share of the cores it may run on: equal, disjoint, in order; all of
+    them when there are fewer cores than workers on the node."""
+    per = len(cores) // local_world
+    return cores[local_rank * per : (local_rank + 1) * per] if per else cores
+
+
+def bind_cores(local_rank: int, local_world: int) -> list[int]:
+    """Pin every thread of this process (torch's, gloo's, Ray's) to its core slice."""
+    mine = core_slice(sorted(os.sched_getaffinity(0)), local_rank, local_world)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return mine
+
+
 def worker_setup(job: dict[str, Any]) -> tuple[UniloomConfig, dict[str, Any]]:
     """The config and this worker's context: rank, world, expert-parallel size, shard."""
     import ray.train
@@ -217,6 +235,9 @@ def worker_setup(job: dict[str, Any]) -> tuple[UniloomConfig, dict[str, Any]]:
     torch.set_num_threads(cfg.train.threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.train.bind_cores and not cfg.train.use_gpu and hasattr(os, "sched_setaffinity"):
+        cores = bind_cores(context.get_local_rank(), context.get_local_world_size())
+        _say(rank, f"workers bound to cores (rank 0: {cores})")
     ep = expert_parallel.effective_ep(cfg.train.expert_parallel, world, cfg.model.num_experts)
     return cfg, {"rank": rank, "world": world, "ep": ep, "shard": ray.train.get_dataset_shard("train")}
 

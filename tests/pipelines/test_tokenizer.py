@@ -42,6 +42,10 @@ def test_random_mask_masks_the_configured_share_of_the_configured_rows():
     assert mask[:4].sum(1).tolist() == [4] * 4  # 25% of 16 patches in the masked half
     assert not mask[4:].any()  # the other half goes in whole
     assert len({tuple(row.tolist()) for row in mask[:4]}) > 1  # rows differ
+    small = TokenizerConfig(mask_ratio=0.25, masked_fraction=0.1)
+    assert random_mask(2, 16, small, torch.Generator()).any(1).tolist() == [True, False]  # one row, not 0.2
+    none = TokenizerConfig(mask_ratio=0.25, masked_fraction=0.0)
+    assert not random_mask(8, 16, none, torch.Generator()).any()
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():

@@ -108,3 +108,13 @@ def test_resume_plans():
         recipe.plan_resume(t, ["sft"], meta("align", 10), JOB)
     with pytest.raises(UniloomError, match="trained on shards of image tokenizer other"):
         recipe.plan_resume(t, names, meta("joint", 5, image_tokenizer="other"), JOB)
+
+
+def test_each_worker_of_a_node_gets_its_own_cores():
+    from uniloom.pipelines.train.loop import core_slice
+
+    cores = [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [core_slice(cores, r, 2) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [core_slice(cores, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]  # 6, 7 float free
+    assert core_slice([0, 1], 1, 2) == [1]
+    assert core_slice([0, 1], 2, 3) == [0, 1]  # more workers than cores: no binding
