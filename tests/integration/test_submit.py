@@ -18,18 +18,26 @@ def cluster(tmp_path_factory):
 
 def test_cluster_has_two_nodes_and_listens_on_loopback_only(cluster):
     import subprocess
+    import time
 
-    out = subprocess.run(
-        [
-            str(cluster.env["PATH"].split(":")[0] + "/ray"),
-            "status",
-            f"--address=127.0.0.1:{cluster.gcs_port}",
-        ],
-        env={**cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # `ray status` reports the autoscaler's view, which learns of a node a few seconds
+    # after the GCS does (LocalCluster.start waits on the GCS): poll it.
+    deadline = time.time() + 60
+    while True:
+        out = subprocess.run(
+            [
+                str(cluster.env["PATH"].split(":")[0] + "/ray"),
+                "status",
+                f"--address=127.0.0.1:{cluster.gcs_port}",
+            ],
+            env={**cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.stdout.count("node_") == 2 or time.time() > deadline:
+            break
+        time.sleep(1)
     assert out.stdout.count("node_") == 2, out.stdout + out.stderr
     addresses = cluster.listening_addresses()
     assert addresses and addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, addresses
