@@ -64,21 +64,22 @@ class MIMObjective(nn.Module):
         model: MingTok,
         images: torch.Tensor,  # (B, 3, H, W) in [-1, 1]
         mask: torch.Tensor,  # (B, N) bool, True = masked at the encoder input
-        latent_targets: torch.Tensor,  # (B, N, Ta) teacher image features of the unmasked image
-        semantic_targets: torch.Tensor,  # (B, N, Tb) text-aligned teacher features
+        latent_targets: torch.Tensor | None,  # (M, N, Ta) teacher image features of the M masked rows
+        semantic_targets: torch.Tensor | None,  # (M, N, Tb) text-aligned ones; None when M = 0
         text_table: torch.Tensor,  # (U, E) embeddings of every caption
         caption: torch.Tensor,  # (B,) index of each image's caption in text_table
         weights: LossWeights,
     ) -> dict[str, torch.Tensor]:
         latents = model.encode_all(images, mask)  # (B, N + 1, L), class token last
         features = model.decode_semantic(latents[:, :-1])  # (B, N, D): causal, so the class adds nothing
-        recon = model.decode_pixels(features, clamp=False)  # (B, 3, H, W)
+        recon = model.decode_pixels(features, clamp=False).float()  # (B, 3, H, W), fp32 under autocast too
         losses = {"pixel": (recon - images).abs().mean()}
         if weights.pixel_l2:
             losses["pixel_l2"] = (recon - images).pow(2).mean()
         if mask.any():
-            losses["latent"] = regression(self.latent_head(latents[:, :-1][mask]), latent_targets[mask])
-            losses["semantic"] = regression(self.semantic_head(features[mask]), semantic_targets[mask])
+            rows = mask[mask.any(dim=1)]  # (M, N): the targets' rows
+            losses["latent"] = regression(self.latent_head(latents[:, :-1][mask]), latent_targets[rows])
+            losses["semantic"] = regression(self.semantic_head(features[mask]), semantic_targets[rows])
         else:  # keep every parameter in the graph, so DDP sees the same ones each step
             losses["latent"] = 0.0 * sum(p.sum() for p in self.latent_head.parameters())
             losses["semantic"] = 0.0 * sum(p.sum() for p in self.semantic_head.parameters())

@@ -21,6 +21,7 @@ class TokenizerConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under CPU autocast (weights, optimiser fp32)
     mask_ratio: float = 0.4  # share of patches masked in a masked sample
     masked_fraction: float = 0.5  # share of samples in a batch that are masked; the rest go in whole
     weight_pixel: float = 1.0  # (c) L1 reconstruction

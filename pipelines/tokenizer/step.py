@@ -83,10 +83,10 @@ class MIMTraining:
             group["lr"] = learning_rate(self.t, step, progress)
         images = images_u8.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         mask = random_mask(len(images), self.model.cfg.num_tokens, self.t, self.generator)
-        latent_targets, semantic_targets = self.teachers.targets(images)
-        losses = self.wrapped(
-            images, mask, latent_targets, semantic_targets, self.text, caption, self.weights
-        )
+        masked = mask.any(dim=1)  # only masked rows have masked positions to predict
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.t.precision == "bf16"):
+            targets = self.teachers.targets(images[masked]) if masked.any() else (None, None)
+            losses = self.wrapped(images, mask, *targets, self.text, caption, self.weights)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.t.grad_clip)

@@ -16,7 +16,7 @@ from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.tokenizer.config import TokenizerConfig
 from uniloom.pipelines.tokenizer.data import decode_image
 from uniloom.pipelines.tokenizer.evaluate import fit_linear_probe, grid_image, probe_scenes, psnr, ssim
-from uniloom.pipelines.tokenizer.step import learning_rate, random_mask
+from uniloom.pipelines.tokenizer.step import MIMTraining, learning_rate, random_mask
 from uniloom.pipelines.tokenizer.teachers import EMATeacher, Teachers
 from uniloom.pipelines.tokenizer.weights import calibrate_latents, load_mingtok, save_mingtok
 
@@ -79,7 +79,7 @@ def test_the_objective_gives_every_loss_and_trains_every_part():
     caption = torch.tensor([0, 1, 0, 2])
     table = torch.randn(3, 24)
     losses = objective(
-        model, x, mask, torch.randn(4, 16, 48), torch.randn(4, 16, 40), table, caption, LossWeights()
+        model, x, mask, torch.randn(2, 16, 48), torch.randn(2, 16, 40), table, caption, LossWeights()
     )
     for name in ("pixel", "latent", "semantic", "text", "total"):
         assert torch.isfinite(losses[name]), name
@@ -92,6 +92,25 @@ def test_the_objective_gives_every_loss_and_trains_every_part():
         objective.text_proj,
     ):
         assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_steps_fit_a_batch_and_ask_the_teacher_for_masked_rows_only(precision):
+    t = TokenizerConfig(lr=3e-3, warmup_steps=1, masked_fraction=0.25, precision=precision)
+    training = MIMTraining(SMALL, t, np.random.default_rng(0).standard_normal((3, 24)).astype(np.float32))
+    asked = []
+    targets = training.teachers.targets
+    training.teachers.targets = lambda x: asked.append(len(x)) or targets(x)
+    blocks = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    batch = (torch.nn.functional.interpolate(blocks, size=32) * 255).round().to(torch.uint8)  # learnable
+    caption = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    first = training.step(batch, caption, 0, 0.0)
+    for step in range(1, 15):
+        last = training.step(batch, caption, step, 0.0)
+    assert asked == [2] * 15  # a quarter of 8 rows are masked; the others need no targets
+    assert all(np.isfinite(v) for v in last.values())
+    assert last["loss/pixel"] < 0.5 * first["loss/pixel"], (first, last)
+    assert next(training.module.parameters()).dtype == torch.float32  # autocast keeps fp32 weights
 
 
 def test_ema_teacher_follows_the_student_and_gives_grid_features():
