@@ -8,6 +8,7 @@ type, so a typo or a wrongly typed value fails at start-up with the key's full n
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and return it in that type."""
     origin = typing.get_origin(tp)
@@ -158,6 +162,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     return value

@@ -44,5 +44,9 @@ def test_unknown_preset_and_missing_file(tmp_path):
 def test_override_values_are_yaml_typed():
     assert parse_override("a.b=1.5") == {"a": {"b": 1.5}}
     assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    assert load_config("tiny", overrides=["tokenizer.lr=3e-3"]).tokenizer.lr == 0.003  # YAML: a string
+    assert load_config("tiny", overrides=["tokenizer.lr=1E+2"]).tokenizer.lr == 100.0
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config("tiny", overrides=["tokenizer.lr=3e"])
     flat = flatten(to_dict(load_config("tiny")))
     assert flat["corpus.num"] == 2000 and "tracking.experiment" in flat
