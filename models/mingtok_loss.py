@@ -3,7 +3,10 @@
     (a) latent:   encoder latents at masked positions -> MLP -> teacher image features
     (b) semantic: semantic features at masked positions -> MLP -> text-aligned teacher features
     (c) pixel:    L1 between the pixel decoder's output and the image, for masked and
-                  unmasked inputs alike (a sample whose mask row is all False is unmasked)
+                  unmasked inputs alike (a sample whose mask row is all False is unmasked);
+                  optional beside it: L2, and L1 over the band of pixels near the image's
+                  colour edges (object outlines: where a blurred or bumpy reconstruction
+                  changes an object's shape, at a few percent of the image's pixels)
     (d) text:     pooled semantic features -> Linear -> contrastive against the locked
                   embeddings of every caption of the corpus (the image's own caption is the
                   positive; all others, including near misses like "a red square" for "a red
@@ -29,6 +32,7 @@ from uniloom.models.mingtok import MingTok
 class LossWeights:
     pixel: float = 1.0
     pixel_l2: float = 0.0  # optional MSE beside the L1 (PSNR is an L2 figure)
+    pixel_edge: float = 0.0  # optional L1 over the edge band (edge_band)
     latent: float = 0.1
     semantic: float = 0.1
     text: float = 0.1
@@ -36,6 +40,16 @@ class LossWeights:
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out))
+
+
+@torch.no_grad()
+def edge_band(images: torch.Tensor, radius: int = 2, contrast: float = 0.25) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where a pixel is within `radius` of a colour edge of `images`
+    (B, 3, H, W) in [-1, 1]: some channel ranges over more than `contrast` in its window."""
+    k = 2 * radius + 1
+    high = F.max_pool2d(images, k, stride=1, padding=radius)
+    low = -F.max_pool2d(-images, k, stride=1, padding=radius)
+    return ((high - low).amax(dim=1, keepdim=True) > contrast).float()
 
 
 def regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,6 +90,10 @@ class MIMObjective(nn.Module):
         losses = {"pixel": (recon - images).abs().mean()}
         if weights.pixel_l2:
             losses["pixel_l2"] = (recon - images).pow(2).mean()
+        if weights.pixel_edge:
+            band = edge_band(images)  # (B, 1, H, W)
+            error = (recon - images).abs() * band
+            losses["pixel_edge"] = error.sum() / (band.sum() * images.shape[1]).clamp(min=1)
         if mask.any():
             rows = mask[mask.any(dim=1)]  # (M, N): the targets' rows
             losses["latent"] = regression(self.latent_head(latents[:, :-1][mask]), latent_targets[rows])

@@ -26,6 +26,7 @@ class TokenizerConfig:
     masked_fraction: float = 0.5  # share of samples in a batch that are masked; the rest go in whole
     weight_pixel: float = 1.0  # (c) L1 reconstruction
     weight_pixel_l2: float = 0.0  # optional MSE beside it
+    weight_pixel_edge: float = 0.0  # optional L1 over the pixels near colour edges (object outlines)
     weight_latent: float = 0.1  # (a) masked latents -> image teacher
     weight_semantic: float = 0.1  # (b) masked semantic features -> text-aligned teacher
     weight_text: float = 0.1  # (d) locked-text contrastive alignment

@@ -33,7 +33,7 @@ class MIMStep(nn.Module):
 
 
 def loss_weights(t: TokenizerConfig) -> LossWeights:
-    return LossWeights(t.weight_pixel, t.weight_pixel_l2, t.weight_latent, t.weight_semantic, t.weight_text)
+    return LossWeights(**{name: getattr(t, f"weight_{name}") for name in LossWeights.__dataclass_fields__})
 
 
 def random_mask(batch: int, tokens: int, t: TokenizerConfig, generator: torch.Generator) -> torch.Tensor:

@@ -114,14 +114,21 @@ class PlainLoop:
         return {"tokens": tokens, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
-def _reduce(values: list[float], world: int) -> list[float]:
-    """Sums over workers."""
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _reduce(values: list[float], world: int, op: str = "SUM") -> list[float]:
+    """Sums (or MIN, MAX) over workers."""
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
 
 
@@ -140,7 +147,9 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
     plain = PlainLoop(cfg, cfg.train.stages[name], seed_offset=ctx["rank"])
     totals = {"plain": [0.0, 0.0, 0.0], "full": [0.0, 0.0, 0.0]}  # tokens, seconds, cpu (summed)
     for r in range(rounds + 1):  # round 0 warms both up
-        p = plain.steps(steps)
+        _barrier(world)  # every window starts on all workers at once: a worker that ends its
+        p = plain.steps(steps)  # plain window early must not time its wait for the others
+        _barrier(world)  # as the full path's
         window, last = Window(), [None]
         for _ in range(steps):
             for micro in range(cfg.train.grad_accum):
@@ -152,6 +161,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
             for side, m in (("plain", p), ("full", f)):
                 totals[side] = [a + b for a, b in zip(totals[side], (m["tokens"], m["seconds"], m["cpu"]))]
     plain_sum, full_sum = _reduce(totals["plain"], world), _reduce(totals["full"], world)
+    (slowest,) = _reduce([totals["plain"][0] / totals["plain"][1]], world, "MIN")
     figures = {
         # per worker: (tokens summed over workers / workers) / (seconds summed / workers)
         "plain_tokens_per_s": plain_sum[0] / plain_sum[1],
@@ -159,6 +169,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         "plain_tokens_per_cpu_s": plain_sum[0] / plain_sum[2],
         "full_tokens_per_cpu_s_per_worker": full_sum[0] / full_sum[2],
         "timed_seconds_per_side": full_sum[1] / world,
+        "plain_tokens_per_s_slowest_worker": slowest,
     }
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
         (Path(tmp) / "bench.json").write_text(json.dumps(figures))
@@ -237,6 +248,8 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         "full_tokens_per_cpu_s_per_worker": round(m["full_tokens_per_cpu_s_per_worker"], 1),
         "plain_tokens_per_cpu_s": round(m["plain_tokens_per_cpu_s"], 1),
         "ratio_cpu": round(m["full_tokens_per_cpu_s_per_worker"] / m["plain_tokens_per_cpu_s"], 3),
+        # what a lock-stepped path reaches at no cost: it runs at the slowest worker's pace
+        "lockstep_ceiling": round(m["plain_tokens_per_s_slowest_worker"] / m["plain_tokens_per_s"], 3),
         "workers": workers,
         "expert_parallel": min(t.expert_parallel, workers),
         "zero_stage": t.zero_stage,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from uniloom.models.mingtok import MingTok, MingTokConfig
-from uniloom.models.mingtok_loss import LossWeights, MIMObjective
+from uniloom.models.mingtok_loss import LossWeights, MIMObjective, edge_band
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.tokenizer.config import TokenizerConfig
 from uniloom.pipelines.tokenizer.data import decode_image
@@ -56,6 +56,17 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     assert learning_rate(t, 1000, 1.0) == pytest.approx(1e-4)
 
 
+def test_the_edge_band_follows_object_outlines():
+    image = torch.full((1, 3, 16, 16), 0.9)
+    image[:, 0, 4:10, 4:10] = -0.8  # a 6 x 6 square that differs in one channel only
+    band = edge_band(image, radius=2)[0, 0]
+    assert band.shape == (16, 16)
+    assert band[4, 4] == band[2, 6] == band[11, 6] == 1  # corner, 2 px above, 2 px below
+    assert band[0, 0] == band[14, 14] == 0  # background far from the square
+    assert band[4:10, 4:10].sum() == 36 - 4  # inside: all but the 2 x 2 centre (2 px from every side)
+    assert edge_band(torch.zeros(1, 3, 8, 8)).sum() == 0  # a flat image has no edges
+
+
 def test_contrastive_term_picks_the_own_caption_among_every_caption():
     model = small_model()
     objective = MIMObjective(model, latent_teacher_dim=8, semantic_teacher_dim=8, text_dim=64)
@@ -83,6 +94,10 @@ def test_the_objective_gives_every_loss_and_trains_every_part():
     )
     for name in ("pixel", "latent", "semantic", "text", "total"):
         assert torch.isfinite(losses[name]), name
+    assert "pixel_edge" not in losses  # off by default
+    edged = objective(model, x, mask, torch.randn(2, 16, 48), torch.randn(2, 16, 40), table, caption,
+                      LossWeights(pixel_edge=1.0))  # fmt: skip
+    assert torch.isfinite(edged["pixel_edge"]) and edged["total"] > losses["total"]
     assert losses["recon"].shape == x.shape and not losses["recon"].requires_grad
     losses["total"].backward()
     for part in (
