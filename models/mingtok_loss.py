@@ -6,7 +6,7 @@
                   unmasked inputs alike (a sample whose mask row is all False is unmasked);
                   optional beside it: L2, and L1 over the band of pixels near the image's
                   colour edges (object outlines: where a blurred or bumpy reconstruction
-                  changes an object's shape, at a few percent of the image's pixels)
+                  changes an object's shape, which an image-wide mean hardly sees)
     (d) text:     pooled semantic features -> Linear -> contrastive against the locked
                   embeddings of every caption of the corpus (the image's own caption is the
                   positive; all others, including near misses like "a red square" for "a red
