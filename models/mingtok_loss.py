@@ -87,13 +87,13 @@ class MIMObjective(nn.Module):
         latents = model.encode_all(images, mask)  # (B, N + 1, L), class token last
         features = model.decode_semantic(latents[:, :-1])  # (B, N, D): causal, so the class adds nothing
         recon = model.decode_pixels(features, clamp=False).float()  # (B, 3, H, W), fp32 under autocast too
-        losses = {"pixel": (recon - images).abs().mean()}
+        error = (recon - images).abs()
+        losses = {"pixel": error.mean()}
         if weights.pixel_l2:
-            losses["pixel_l2"] = (recon - images).pow(2).mean()
+            losses["pixel_l2"] = error.pow(2).mean()
         if weights.pixel_edge:
             band = edge_band(images)  # (B, 1, H, W)
-            error = (recon - images).abs() * band
-            losses["pixel_edge"] = error.sum() / (band.sum() * images.shape[1]).clamp(min=1)
+            losses["pixel_edge"] = (error * band).sum() / (band.sum() * images.shape[1]).clamp(min=1)
         if mask.any():
             rows = mask[mask.any(dim=1)]  # (M, N): the targets' rows
             losses["latent"] = regression(self.latent_head(latents[:, :-1][mask]), latent_targets[rows])
