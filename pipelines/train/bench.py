@@ -147,9 +147,11 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
     plain = PlainLoop(cfg, cfg.train.stages[name], seed_offset=ctx["rank"])
     totals = {"plain": [0.0, 0.0, 0.0], "full": [0.0, 0.0, 0.0]}  # tokens, seconds, cpu (summed)
     for r in range(rounds + 1):  # round 0 warms both up
-        _barrier(world)  # every window starts on all workers at once: a worker that ends its
-        p = plain.steps(steps)  # plain window early must not time its wait for the others
-        _barrier(world)  # as the full path's
+        # Every window starts on all workers at once: a worker that ends its plain window
+        # early must not time its wait for the others as the full path's.
+        _barrier(world)
+        p = plain.steps(steps)
+        _barrier(world)
         window, last = Window(), [None]
         for _ in range(steps):
             for micro in range(cfg.train.grad_accum):
