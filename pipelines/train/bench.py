@@ -85,11 +85,14 @@ class PlainLoop:
         import torch
 
         from uniloom.pipelines.train import deepspeed_config
+        from uniloom.pipelines.train.loop import load_tokenizer
         from uniloom.pipelines.train.module import Trainee
 
         self.t = cfg.train
         torch.manual_seed(self.t.seed)
+        # the full path's initial weights: the same seed, the same MingTok
         self.model = Trainee(cfg.model, cfg.mingtok)
+        load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
         groups = deepspeed_config.param_groups(self.model, self.t.weight_decay)
         self.opt = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(self.t.betas), eps=1e-8)
@@ -132,6 +135,36 @@ def _reduce(values: list[float], world: int, op: str = "SUM") -> list[float]:
     return t.tolist()
 
 
+def expert_rank_load(loads_SLE, ep: int) -> float:
+    """Token-slots routed to the busiest expert-parallel rank over the mean rank's, per
+    layer and step, averaged: 1.0 is even. loads_SLE (steps, layers, experts) are summed
+    over the ranks of one expert-parallel group; rank r holds experts [r*E/ep, (r+1)*E/ep).
+    The experts of a layer finish when the busiest rank does, so the routed-expert part of
+    every layer takes this many times its even share on the lock-stepped path."""
+    S, L, E = loads_SLE.shape
+    per_rank = loads_SLE.double().reshape(S, L, ep, E // ep).sum(-1)
+    return float((per_rank.amax(-1) / per_rank.mean(-1).clamp(min=1e-9)).mean())
+
+
+def _group_loads(loads: list, ep: int) -> float:
+    """expert_rank_load of the full windows' micro steps, each worker's expert-parallel
+    group summed, then averaged over the groups."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from uniloom.pipelines.train.expert_parallel import group_name
+
+    if not loads:  # no timed rounds: every worker has none
+        return 1.0
+    stacked = torch.stack(loads)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if ep > 1:
+        dist.all_reduce(stacked, group=groups._get_expert_parallel_group(group_name(ep)))
+    (mean,) = _reduce([expert_rank_load(stacked, ep)], world)
+    return mean / world
+
+
 def bench_loop_per_worker(job: dict[str, Any]) -> None:
     """Ray Train entry point of the bench: alternating plain and full windows."""
     import ray.train
@@ -146,6 +179,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
     full = StageRun(cfg, job, name, Resume(todo=[name]), None, ctx)
     plain = PlainLoop(cfg, cfg.train.stages[name], seed_offset=ctx["rank"])
     totals = {"plain": [0.0, 0.0, 0.0], "full": [0.0, 0.0, 0.0]}  # tokens, seconds, cpu (summed)
+    loads = []  # (L, E) token-slots per expert of every timed full micro step, this worker's
     for r in range(rounds + 1):  # round 0 warms both up
         # Every window starts on all workers at once: a worker that ends its plain window
         # early must not time its wait for the others as the full path's.
@@ -155,7 +189,10 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         window, last = Window(), [None]
         for _ in range(steps):
             for micro in range(cfg.train.grad_accum):
+                before = window.expert_load
                 full.micro_step(micro, window, last)
+                if r and window.expert_load is not None:  # this micro step's routing
+                    loads.append(window.expert_load - (0 if before is None else before))
             full.step += 1
         f = {"tokens": window.tokens, "seconds": time.perf_counter() - window.started,
              "cpu": time.process_time() - window.started_cpu}  # fmt: skip
@@ -172,6 +209,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         "full_tokens_per_cpu_s_per_worker": full_sum[0] / full_sum[2],
         "timed_seconds_per_side": full_sum[1] / world,
         "plain_tokens_per_s_slowest_worker": slowest,
+        "expert_rank_load": _group_loads(loads, ctx["ep"]),
     }
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
         (Path(tmp) / "bench.json").write_text(json.dumps(figures))
@@ -252,6 +290,8 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         "ratio_cpu": round(m["full_tokens_per_cpu_s_per_worker"] / m["plain_tokens_per_cpu_s"], 3),
         # what a lock-stepped path reaches at no cost: it runs at the slowest worker's pace
         "lockstep_ceiling": round(m["plain_tokens_per_s_slowest_worker"] / m["plain_tokens_per_s"], 3),
+        # busiest expert-parallel rank's routed token-slots over the mean rank's (1.0: even)
+        "expert_rank_load": round(m["expert_rank_load"], 3),
         "workers": workers,
         "expert_parallel": min(t.expert_parallel, workers),
         "zero_stage": t.zero_stage,

@@ -41,7 +41,7 @@ def _say(rank: int, text: str) -> None:
         sys.stderr.flush()
 
 
-def _load_tokenizer(trainee: Trainee, uri: str, storage_options: dict) -> None:
+def load_tokenizer(trainee: Trainee, uri: str, storage_options: dict) -> None:
     from safetensors.torch import load as load_safetensors
 
     from uniloom.pipelines.data.image_tokenizer import read_weights
@@ -56,7 +56,7 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     torch.manual_seed(t.seed)
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
-        _load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
+        load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
     expert_parallel.parallelize(trainee, ep)
     if reader is not None:
         ckpt.load_weights(trainee, reader)

@@ -19,5 +19,6 @@ def test_bench_train_reports_the_ratio_and_its_lockstep_ceiling(cli, tmp_path, r
         out["full_tokens_per_s_per_worker"] / out["plain_tokens_per_s"], abs=1e-3
     )
     assert 0 < out["lockstep_ceiling"] <= 1
+    assert 1 <= out["expert_rank_load"] <= 2  # busiest of 2 ranks over the mean
     report(f"2 steps per side: ratio {out['ratio']}, per CPU-second {out['ratio_cpu']}, "
-           f"lock-step ceiling {out['lockstep_ceiling']}")  # fmt: skip
+           f"lock-step ceiling {out['lockstep_ceiling']}, expert rank load {out['expert_rank_load']}")  # fmt: skip

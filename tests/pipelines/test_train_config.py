@@ -118,3 +118,17 @@ def test_each_worker_of_a_node_gets_its_own_cores():
     assert [core_slice(cores, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]  # 6, 7 float free
     assert core_slice([0, 1], 1, 2) == [1]
     assert core_slice([0, 1], 2, 3) == [0, 1]  # more workers than cores: no binding
+
+
+def test_expert_rank_load_is_the_busiest_ranks_share_over_the_mean():
+    import torch
+
+    from uniloom.pipelines.train.bench import expert_rank_load
+
+    even = torch.full((3, 2, 8), 10.0)
+    assert expert_rank_load(even, 2) == pytest.approx(1.0)
+    assert expert_rank_load(even, 1) == pytest.approx(1.0)  # one rank holds every expert
+    skewed = torch.zeros(1, 2, 8)
+    skewed[0, 0, :4] = 10.0  # layer 0: everything on rank 0's experts
+    skewed[0, 1] = torch.tensor([30.0, 0, 0, 0, 10, 0, 0, 0])  # layer 1: 3 to 1
+    assert expert_rank_load(skewed, 2) == pytest.approx((2.0 + 1.5) / 2)
