@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ class MIMStep(nn.Module):
 
 
 def loss_weights(t: TokenizerConfig) -> LossWeights:
-    return LossWeights(**{name: getattr(t, f"weight_{name}") for name in LossWeights.__dataclass_fields__})
+    return LossWeights(**{f.name: getattr(t, f"weight_{f.name}") for f in fields(LossWeights)})
 
 
 def random_mask(batch: int, tokens: int, t: TokenizerConfig, generator: torch.Generator) -> torch.Tensor:

@@ -146,7 +146,7 @@ def expert_rank_load(loads_SLE, ep: int) -> float:
     return float((per_rank.amax(-1) / per_rank.mean(-1).clamp(min=1e-9)).mean())
 
 
-def _group_loads(loads: list, ep: int) -> float:
+def _group_loads(loads: list, ep: int, world: int) -> float:
     """expert_rank_load of the full windows' micro steps, each worker's expert-parallel
     group summed, then averaged over the groups."""
     import torch
@@ -158,7 +158,6 @@ def _group_loads(loads: list, ep: int) -> float:
     if not loads:  # no timed rounds: every worker has none
         return 1.0
     stacked = torch.stack(loads)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if ep > 1:
         dist.all_reduce(stacked, group=groups._get_expert_parallel_group(group_name(ep)))
     (mean,) = _reduce([expert_rank_load(stacked, ep)], world)
@@ -189,10 +188,9 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         window, last = Window(), [None]
         for _ in range(steps):
             for micro in range(cfg.train.grad_accum):
-                before = window.expert_load
-                full.micro_step(micro, window, last)
-                if r and window.expert_load is not None:  # this micro step's routing
-                    loads.append(window.expert_load - (0 if before is None else before))
+                losses = full.micro_step(micro, window, last)
+                if r and losses is not None:
+                    loads.append(losses.expert_load.detach().float())
             full.step += 1
         f = {"tokens": window.tokens, "seconds": time.perf_counter() - window.started,
              "cpu": time.process_time() - window.started_cpu}  # fmt: skip
@@ -209,7 +207,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         "full_tokens_per_cpu_s_per_worker": full_sum[0] / full_sum[2],
         "timed_seconds_per_side": full_sum[1] / world,
         "plain_tokens_per_s_slowest_worker": slowest,
-        "expert_rank_load": _group_loads(loads, ctx["ep"]),
+        "expert_rank_load": _group_loads(loads, ctx["ep"], world),
     }
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
         (Path(tmp) / "bench.json").write_text(json.dumps(figures))

@@ -104,7 +104,9 @@ class StageRun:
     def global_step(self) -> int:
         return global_step(self.t, self.name, self.step)
 
-    def micro_step(self, micro: int, window: Window, last: list) -> None:
+    def micro_step(self, micro: int, window: Window, last: list):
+        """One forward, backward and engine step; the losses, or None when this worker's
+        epoch ran dry and it only took part in the collectives."""
         batch = self.stream.next_batch()
         flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])
         if self.world > 1:
@@ -123,6 +125,7 @@ class StageRun:
             window.add(losses, int((batch.doc_ids >= 0).sum()))
         if flag.item():
             self.stream.new_epoch()
+        return losses if weight else None
 
     def run(self, logger: RunLogger) -> None:
         t = self.t
