@@ -90,11 +90,15 @@ class GroupedExperts(nn.Module):
         """x_ND sorted by expert, counts (E,) -> out_ND in the same order."""
         # One matmul per expert: a grouped-GEMM kernel (kernels/) can replace this loop
         # without touching the call.
-        outs = []
-        for e, x_nD in enumerate(torch.split(x_ND, num_tokens_per_expert_E.tolist())):
-            h_nF = F.silu(x_nD @ self.w1_EFD[e].T) * (x_nD @ self.w3_EFD[e].T)
-            outs.append(h_nF @ self.w2_EDF[e].T)  # (n, D)
-        return torch.cat(outs)
+        pieces = torch.split(x_ND, num_tokens_per_expert_E.tolist())
+        return torch.cat(
+            [expert(x_nD, self.w1_EFD[e], self.w3_EFD[e], self.w2_EDF[e]) for e, x_nD in enumerate(pieces)]
+        )
+
+
+def expert(x_nD, w1_FD, w3_FD, w2_DF):
+    """One SwiGLU expert on its n token-slots -> (n, D)."""
+    return (F.silu(x_nD @ w1_FD.T) * (x_nD @ w3_FD.T)) @ w2_DF.T
 
 
 class Router(nn.Module):

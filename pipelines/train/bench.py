@@ -95,7 +95,7 @@ class PlainLoop:
         load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
         groups = deepspeed_config.param_groups(self.model, self.t.weight_decay)
-        self.opt = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(self.t.betas), eps=1e-8)
+        self.opt = deepspeed_config.adamw(groups, self.t, stage)
         self.sched = deepspeed_config.scheduler(self.opt, stage)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = plain_batches(cfg, stage, seed_offset)

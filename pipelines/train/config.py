@@ -69,6 +69,10 @@ class TrainConfig:
     # launcher does with --bind_cores_to_rank (lock-stepped ranks never share a core)
     bind_cores: bool = True
     expert_parallel: int = 2  # ranks that split the experts; clipped to the number of workers
+    # Shadow experts: a rank with spare time runs its own slots of a hot remote expert with
+    # borrowed weights when it takes at least this many off the owner; 0: off
+    # (pipelines/train/expert_parallel.py)
+    shadow_min_slots: int = 32
     zero_stage: Literal[0, 1, 2] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     # Batches: packed rows of seq_len tokens

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from uniloom.models.moe import GroupedExperts, MoE
+from uniloom.models.moe import GroupedExperts, MoE, expert
 from uniloom.pipelines.errors import UniloomError
 
 
@@ -62,9 +62,20 @@ def all_to_all(x, out_splits: list[int], in_splits: list[int], group):
 
 class ExpertParallelExperts(GroupedExperts):
     """This rank's slice of the experts; same call as GroupedExperts (the seam):
-    experts(x_ND sorted by global expert, num_tokens_per_expert_E) -> out_ND."""
+    experts(x_ND sorted by global expert, num_tokens_per_expert_E) -> out_ND.
 
-    def __init__(self, full: GroupedExperts, group, group_name: str):
+    Shadow experts (FasterMoE's dynamic shadowing): routing is dropless, so the rank
+    holding a hot expert gets more token-slots than the others, and in lock step they
+    wait for it at the return all-to-all. Every rank sees every rank's counts (the first
+    all-to-all sends each its whole row), so all compute the same `shadow_plan`: a rank
+    with a light load keeps some of its own slots bound for a hot remote expert and runs
+    them itself with that expert's weights, which the owner sends in the same dispatch
+    all-to-all as the tokens (3F rows of width D per expert). The weights arrive through
+    the differentiable all-to-all, so their gradient goes back to the owner in the
+    backward exchange and adds to its own: no extra collective either way, the same
+    math, only computed where there is time for it. `shadow_min_slots` 0 turns it off."""
+
+    def __init__(self, full: GroupedExperts, group, group_name: str, shadow_min_slots: int = 0):
         nn.Module.__init__(self)
         self.group, self.group_name = group, group_name
         self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -73,28 +84,74 @@ class ExpertParallelExperts(GroupedExperts):
             raise UniloomError(f"{self.num_experts} experts do not split over expert-parallel size {self.ep}")
         self.num_local = self.num_experts // self.ep
         self.offset = self.ep_rank * self.num_local
+        self.shadow_min_slots = shadow_min_slots
+        self.shadowed_slots = 0  # in the last forward: slots this rank ran for other ranks' experts
         rows = slice(self.offset, self.offset + self.num_local)
         for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[rows].clone()))
 
     def forward(self, x_ND, num_tokens_per_expert_E):
-        R, El = self.ep, self.num_local
-        # How many slots each rank sends to each of my experts: (R, El) after the exchange.
-        counts_RE = num_tokens_per_expert_E.view(R, El)
-        recv_RE = torch.empty_like(counts_RE)
-        dist.all_to_all_single(recv_RE, counts_RE, group=self.group)
-        in_splits = counts_RE.sum(1).tolist()
-        out_splits = recv_RE.sum(1).tolist()
-        x_recv = all_to_all(x_ND, out_splits, in_splits, self.group)  # rank-major, then expert
-        # Reorder rank-major -> expert-major so each local expert reads one block.
+        R, El, me = self.ep, self.num_local, self.ep_rank
+        F_, D = self.w1_EFD.shape[1:]
+        # Every rank's counts, (R, E): each rank sends its row to all.
+        counts_RE = torch.empty(R, self.num_experts, dtype=num_tokens_per_expert_E.dtype)
+        dist.all_to_all_single(counts_RE, num_tokens_per_expert_E.repeat(R), group=self.group)
+        counts = counts_RE.tolist()
+        keep = shadow_plan(counts, El, self.shadow_min_slots)  # (R, E) slots run by their own rank
+        mine = range(self.offset, self.offset + El)
+        # sent[r][e]: slots of rank r that go to expert e's owner
+        sent = [[n - k for n, k in zip(row, kept)] for row, kept in zip(counts, keep)]
+        shadows = [e for e in range(self.num_experts) if keep[me][e]]  # remote experts I run
+        self.shadowed_slots = sum(keep[me])
+
+        # Dispatch: to each rank its experts' slots, then the weights of my experts it shadows.
+        slots_E = torch.split(x_ND, counts[me])
+        pieces, tokens_out, in_splits = [], [], []
+        for r in range(R):
+            theirs = range(r * El, (r + 1) * El)
+            pieces += [slots_E[e][keep[me][e] :] for e in theirs]
+            lent = [e - self.offset for e in mine if keep[r][e]]
+            pieces += [self._weight_rows(j) for j in lent]
+            tokens_out.append(sum(sent[me][e] for e in theirs))
+            in_splits.append(tokens_out[-1] + 3 * F_ * len(lent))
+        tokens_in = [sum(sent[r][e] for e in mine) for r in range(R)]
+        borrowed = [sum(1 for e in shadows if e // El == r) for r in range(R)]
+        out_splits = [t + 3 * F_ * b for t, b in zip(tokens_in, borrowed)]
+        recv = all_to_all(torch.cat(pieces), out_splits, in_splits, self.group)
+
+        # Between the two exchanges (so the ranks' loads even out where they wait for each
+        # other, in the forward and, reversed, in the backward pass): my experts over every
+        # rank's slots, reordered rank-major -> expert-major, then the slots I shadow.
+        blocks = torch.split(recv, [n for t, b in zip(tokens_in, borrowed) for n in (t, 3 * F_ * b)])
+        x_recv = torch.cat(blocks[0::2]) if shadows else recv
+        recv_RE = torch.tensor([[sent[r][e] for e in mine] for r in range(R)])
         order = _expert_major_order(recv_RE)
         y = super().forward(x_recv[order], recv_RE.sum(0))
+        shadowed = {}
+        for r in range(R):
+            lent_rows = blocks[2 * r + 1].view(-1, 3 * F_, D)
+            for i, e in enumerate(e for e in shadows if e // El == r):
+                w1, w3, w2 = lent_rows[i].split(F_)
+                shadowed[e] = expert(slots_E[e][: keep[me][e]], w1, w3, w2.reshape(D, F_))
         y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
-        return all_to_all(y_recv, in_splits, out_splits, self.group)
+        back = all_to_all(y_recv, tokens_out, tokens_in, self.group)
+        if not shadows:
+            return back
+        returned_E = torch.split(back, sent[me])  # x_ND's order: shadowed slots first per expert
+        return torch.cat(
+            [p for e in range(self.num_experts) for p in (shadowed.get(e), returned_E[e]) if p is not None]
+        )
+
+    def _weight_rows(self, j: int):
+        """Local expert j's w1, w3, w2 as 3F rows of width D (w2 reshaped, not transposed,
+        so the borrower's (D, F) matrix has the owner's layout and gives the same bits)."""
+        D = self.w1_EFD.shape[2]
+        return torch.cat([self.w1_EFD[j], self.w3_EFD[j], self.w2_EDF[j].reshape(-1, D)])
 
     def extra_repr(self) -> str:
         return (
-            f"experts {self.offset}..{self.offset + self.num_local - 1} of {self.num_experts}, ep={self.ep}"
+            f"experts {self.offset}..{self.offset + self.num_local - 1} of {self.num_experts}, ep={self.ep}, "
+            f"shadow_min_slots={self.shadow_min_slots}"
         )
 
 
@@ -110,6 +167,32 @@ def _expert_major_order(recv_RE: torch.Tensor) -> torch.Tensor:
     R, El = recv_RE.shape
     pieces = [torch.arange(starts[r][e], starts[r][e] + counts[r][e]) for e in range(El) for r in range(R)]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def shadow_plan(counts: list[list[int]], num_local: int, min_slots: int) -> list[list[int]]:
+    """keep[r][e]: how many of rank r's slots for remote expert e rank r runs itself.
+
+    counts[r][e] are the slots rank r routes to expert e (owned by rank e // num_local).
+    Greedy and deterministic (every rank computes it from the same counts): hottest expert
+    first, its owner lends it to the lightest ranks, each taking at most its own slots for
+    that expert and half the load difference, so no rank ends above the owner. A loan of
+    fewer than min_slots slots is not worth its 3F x D weights (and their gradient back)."""
+    R, E = len(counts), len(counts[0])
+    keep = [[0] * E for _ in range(R)]
+    if min_slots <= 0 or R < 2:
+        return keep
+    load = [sum(counts[r][e] for r in range(R) for e in range(o * num_local, (o + 1) * num_local))
+            for o in range(R)]  # fmt: skip
+    for e in sorted(range(E), key=lambda e: -sum(row[e] for row in counts)):
+        owner = e // num_local
+        for r in sorted(range(R), key=lambda r: load[r]):
+            take = min(counts[r][e], (load[owner] - load[r]) // 2)
+            if r == owner or take < min_slots:
+                continue
+            keep[r][e] = take
+            load[owner] -= take
+            load[r] += take
+    return keep
 
 
 def effective_ep(configured: int, world: int, num_experts: int) -> int:
@@ -138,17 +221,18 @@ def create_groups(ep: int) -> str:
     return name
 
 
-def parallelize(model: nn.Module, ep: int) -> str:
+def parallelize(model: nn.Module, ep: int, shadow_min_slots: int = 0) -> str:
     """Steps 1-3 of the module docstring on every MoE layer of `model`; returns the
     group name. With ep == 1 the experts stay whole but are still marked, so the
-    optimizer groups and checkpoints look the same at every size."""
+    optimizer groups and checkpoints look the same at every size. shadow_min_slots: see
+    ExpertParallelExperts."""
     from deepspeed.utils import groups
 
     name = create_groups(ep)
     group = groups._get_expert_parallel_group(name)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         if ep > 1:
-            moe.experts = ExpertParallelExperts(moe.experts, group, name)
+            moe.experts = ExpertParallelExperts(moe.experts, group, name, shadow_min_slots)
         for p in moe.experts.parameters():
             p.allreduce = False
             p.group_name = name

@@ -57,7 +57,7 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
-    expert_parallel.parallelize(trainee, ep)
+    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots)
     if reader is not None:
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)

@@ -13,7 +13,7 @@ from localcluster import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_expert_parallel_layers_match_the_single_device_model():
+def test_expert_parallel_layers_match_the_single_device_model_with_and_without_shadow_experts():
     mp.spawn(trainworkers.parity, args=(2, free_port()), nprocs=2)
 
 

@@ -55,8 +55,16 @@ def config(zero: int) -> UniloomConfig:
 
 
 def parity(rank: int, world: int, port: int) -> None:
-    """Expert-parallel layers compute what the single-device model computes."""
+    """Expert-parallel layers compute what the single-device model computes, without and
+    with shadow experts (then every layer must have lent at least one expert)."""
     init(rank, world, port)
+    for shadow_min_slots in (0, 1):
+        _parity(rank, world, shadow_min_slots)
+    dist.barrier()
+    dist.destroy_process_group()  # not at interpreter exit, where gloo's threads may abort
+
+
+def _parity(rank: int, world: int, shadow_min_slots: int) -> None:
     from uniloom.pipelines.train.expert_parallel import parallelize
     from uniloom.pipelines.train.module import Trainee
 
@@ -64,7 +72,7 @@ def parity(rank: int, world: int, port: int) -> None:
     sharded = Trainee(MODEL, MINGTOK)
     torch.manual_seed(0)
     whole = Trainee(MODEL, MINGTOK)
-    parallelize(sharded, world)
+    parallelize(sharded, world, shadow_min_slots)
     b = batch(rank)  # each rank its own tokens: the all-to-all really moves them
 
     def hidden(m):
@@ -75,15 +83,20 @@ def parity(rank: int, world: int, port: int) -> None:
 
     h_sharded, h_whole = hidden(sharded), hidden(whole)
     assert torch.equal(h_sharded, h_whole), (h_sharded - h_whole).abs().max()
+    if shadow_min_slots:
+        lent = torch.tensor([layer.moe.experts.shadowed_slots for layer in sharded.model.layers])
+        dist.all_reduce(lent)
+        assert (lent > 0).all(), lent
     h_sharded.square().sum().backward()
     h_whole.square().sum().backward()
     for layer_s, layer_w in zip(sharded.model.layers, whole.model.layers):
         ep = layer_s.moe.experts
         assert ep.w1_EFD.shape[0] == MODEL.num_experts // world and ep.w1_EFD.allreduce is False
-        full = layer_w.moe.experts.w1_EFD.grad.clone()
-        dist.all_reduce(full)  # the whole model's gradient from every rank's tokens
-        local = full[ep.offset : ep.offset + ep.num_local]
-        assert torch.allclose(ep.w1_EFD.grad, local, atol=1e-6), (ep.w1_EFD.grad - local).abs().max()
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            full = getattr(layer_w.moe.experts, name).grad.clone()
+            dist.all_reduce(full)  # the whole model's gradient from every rank's tokens
+            local, grad = full[ep.offset : ep.offset + ep.num_local], getattr(ep, name).grad
+            assert torch.allclose(grad, local, atol=1e-6), (name, (grad - local).abs().max())
         assert torch.allclose(layer_s.attn.wq.weight.grad, layer_w.attn.wq.weight.grad, atol=1e-6)
 
 
