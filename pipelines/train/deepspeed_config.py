@@ -1,6 +1,6 @@
 """DeepSpeed from the preset: the engine config, the optimizer (torch's fused AdamW:
-DeepSpeed's own fused Adam needs a compiler toolchain the CPU path does not have) over parameter groups
-split for MoE, and the warmup + cosine schedule of a stage.
+DeepSpeed's own fused Adam needs a compiler toolchain the CPU path does not have) over
+parameter groups split for MoE, and the warmup + cosine schedule of a stage.
 
 Parameter groups: weight decay on matrices only (not norms, biases, gates' scales), then
 DeepSpeed's own split of every group into its non-expert part and one part per expert
