@@ -139,8 +139,9 @@ def expert_rank_load(loads_SLE, ep: int) -> float:
     """Token-slots routed to the busiest expert-parallel rank over the mean rank's, per
     layer and step, averaged: 1.0 is even. loads_SLE (steps, layers, experts) are summed
     over the ranks of one expert-parallel group; rank r holds experts [r*E/ep, (r+1)*E/ep).
-    The experts of a layer finish when the busiest rank does, so the routed-expert part of
-    every layer takes this many times its even share on the lock-stepped path."""
+    This is the routing's imbalance: without shadow experts the routed-expert part of every
+    layer takes this many times its even share on the lock-stepped path; shadow experts
+    (train.shadow_min_slots) move the excess compute to the lighter ranks."""
     S, L, E = loads_SLE.shape
     per_rank = loads_SLE.double().reshape(S, L, ep, E // ep).sum(-1)
     return float((per_rank.amax(-1) / per_rank.mean(-1).clamp(min=1e-9)).mean())

@@ -114,23 +114,23 @@ class ExpertParallelExperts(GroupedExperts):
             pieces += [self._weight_rows(j) for j in lent]
             tokens_out.append(sum(sent[me][e] for e in theirs))
             in_splits.append(tokens_out[-1] + 3 * F_ * len(lent))
-        tokens_in = [sum(sent[r][e] for e in mine) for r in range(R)]
-        borrowed = [sum(1 for e in shadows if e // El == r) for r in range(R)]
-        out_splits = [t + 3 * F_ * b for t, b in zip(tokens_in, borrowed)]
+        recv_RE = torch.tensor([[sent[r][e] for e in mine] for r in range(R)])  # slots for my experts
+        tokens_in = recv_RE.sum(1).tolist()
+        borrowed = [[e for e in shadows if e // El == r] for r in range(R)]  # experts each rank lends me
+        out_splits = [t + 3 * F_ * len(b) for t, b in zip(tokens_in, borrowed)]
         recv = all_to_all(torch.cat(pieces), out_splits, in_splits, self.group)
 
         # Between the two exchanges (so the ranks' loads even out where they wait for each
         # other, in the forward and, reversed, in the backward pass): my experts over every
         # rank's slots, reordered rank-major -> expert-major, then the slots I shadow.
-        blocks = torch.split(recv, [n for t, b in zip(tokens_in, borrowed) for n in (t, 3 * F_ * b)])
+        blocks = torch.split(recv, [n for t, b in zip(tokens_in, borrowed) for n in (t, 3 * F_ * len(b))])
         x_recv = torch.cat(blocks[0::2]) if shadows else recv
-        recv_RE = torch.tensor([[sent[r][e] for e in mine] for r in range(R)])
         order = _expert_major_order(recv_RE)
         y = super().forward(x_recv[order], recv_RE.sum(0))
         shadowed = {}
         for r in range(R):
             lent_rows = blocks[2 * r + 1].view(-1, 3 * F_, D)
-            for i, e in enumerate(e for e in shadows if e // El == r):
+            for i, e in enumerate(borrowed[r]):
                 w1, w3, w2 = lent_rows[i].split(F_)
                 shadowed[e] = expert(slots_E[e][: keep[me][e]], w1, w3, w2.reshape(D, F_))
         y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
