@@ -73,6 +73,10 @@ class TrainConfig:
     # borrowed weights when it takes at least this many off the owner; 0: off
     # (pipelines/train/expert_parallel.py)
     shadow_min_slots: int = 32
+    # Workers on one machine exchange through shared memory instead of gloo: the experts'
+    # all-to-alls, ZeRO 0's gradient all-reduce, the end-of-epoch flag
+    # (pipelines/train/shm_comm.py). Workers on several machines use gloo/NCCL regardless
+    shm_collectives: bool = True
     zero_stage: Literal[0, 1, 2] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     # Batches: packed rows of seq_len tokens

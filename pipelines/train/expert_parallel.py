@@ -32,32 +32,40 @@ import torch.nn as nn
 
 from uniloom.models.moe import GroupedExperts, MoE, expert
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.train import shm_comm
 
 
 def group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
+def exchange(x, out_splits: list[int], in_splits: list[int], group, channel: shm_comm.ShmChannel | None):
+    """all_to_all_single with uneven splits: through shared memory when the group has a
+    channel (its ranks share a machine), else through the group's backend."""
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    if channel is not None:
+        channel.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+    else:
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; its gradient is the reverse exchange."""
+    """`exchange` whose gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, channel):
+        ctx.splits, ctx.group, ctx.channel = (out_splits, in_splits), group, channel
+        return exchange(x, out_splits, in_splits, group, channel)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        return exchange(grad, in_splits, out_splits, ctx.group, ctx.channel), None, None, None, None
 
 
-def all_to_all(x, out_splits: list[int], in_splits: list[int], group):
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x, out_splits: list[int], in_splits: list[int], group, channel=None):
+    return _AllToAll.apply(x, out_splits, in_splits, group, channel)
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -73,11 +81,14 @@ class ExpertParallelExperts(GroupedExperts):
     all-to-all as the tokens (3F rows of width D per expert). The weights arrive through
     the differentiable all-to-all, so their gradient goes back to the owner in the
     backward exchange and adds to its own: no extra collective either way, the same
-    math, only computed where there is time for it. `shadow_min_slots` 0 turns it off."""
+    math, only computed where there is time for it. `shadow_min_slots` 0 turns it off.
 
-    def __init__(self, full: GroupedExperts, group, group_name: str, shadow_min_slots: int = 0):
+    `channel`: the group's shared-memory channel (shm_comm), or None for the backend's
+    all-to-all."""
+
+    def __init__(self, full: GroupedExperts, group, group_name: str, shadow_min_slots: int = 0, channel=None):
         nn.Module.__init__(self)
-        self.group, self.group_name = group, group_name
+        self.group, self.group_name, self.channel = group, group_name, channel
         self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.num_experts = full.w1_EFD.shape[0]
         if self.num_experts % self.ep:
@@ -94,9 +105,8 @@ class ExpertParallelExperts(GroupedExperts):
         R, El, me = self.ep, self.num_local, self.ep_rank
         F_, D = self.w1_EFD.shape[1:]
         # Every rank's counts, (R, E): each rank sends its row to all.
-        counts_RE = torch.empty(R, self.num_experts, dtype=num_tokens_per_expert_E.dtype)
-        dist.all_to_all_single(counts_RE, num_tokens_per_expert_E.repeat(R), group=self.group)
-        counts = counts_RE.tolist()
+        counts = exchange(num_tokens_per_expert_E.repeat(R), [self.num_experts] * R, [self.num_experts] * R,
+                          self.group, self.channel).view(R, -1).tolist()  # fmt: skip
         keep = shadow_plan(counts, El, self.shadow_min_slots)  # (R, E) slots run by their own rank
         mine = range(self.offset, self.offset + El)
         # sent[r][e]: slots of rank r that go to expert e's owner
@@ -118,7 +128,7 @@ class ExpertParallelExperts(GroupedExperts):
         tokens_in = recv_RE.sum(1).tolist()
         borrowed = [[e for e in shadows if e // El == r] for r in range(R)]  # experts each rank lends me
         out_splits = [t + 3 * F_ * len(b) for t, b in zip(tokens_in, borrowed)]
-        recv = all_to_all(torch.cat(pieces), out_splits, in_splits, self.group)
+        recv = all_to_all(torch.cat(pieces), out_splits, in_splits, self.group, self.channel)
 
         # Between the two exchanges (so the ranks' loads even out where they wait for each
         # other, in the forward and, reversed, in the backward pass): my experts over every
@@ -134,7 +144,7 @@ class ExpertParallelExperts(GroupedExperts):
                 w1, w3, w2 = lent_rows[i].split(F_)
                 shadowed[e] = expert(slots_E[e][: keep[me][e]], w1, w3, w2.reshape(D, F_))
         y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
-        back = all_to_all(y_recv, tokens_out, tokens_in, self.group)
+        back = all_to_all(y_recv, tokens_out, tokens_in, self.group, self.channel)
         if not shadows:
             return back
         returned_E = torch.split(back, sent[me])  # x_ND's order: shadowed slots first per expert
@@ -221,18 +231,20 @@ def create_groups(ep: int) -> str:
     return name
 
 
-def parallelize(model: nn.Module, ep: int, shadow_min_slots: int = 0) -> str:
+def parallelize(model: nn.Module, ep: int, shadow_min_slots: int = 0, shm: bool = False) -> str:
     """Steps 1-3 of the module docstring on every MoE layer of `model`; returns the
     group name. With ep == 1 the experts stay whole but are still marked, so the
     optimizer groups and checkpoints look the same at every size. shadow_min_slots: see
-    ExpertParallelExperts."""
+    ExpertParallelExperts; shm: exchange through shared memory where the group's ranks
+    share a machine (shm_comm)."""
     from deepspeed.utils import groups
 
     name = create_groups(ep)
     group = groups._get_expert_parallel_group(name)
+    channel = shm_comm.channel(group) if shm and ep > 1 else None
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         if ep > 1:
-            moe.experts = ExpertParallelExperts(moe.experts, group, name, shadow_min_slots)
+            moe.experts = ExpertParallelExperts(moe.experts, group, name, shadow_min_slots, channel)
         for p in moe.experts.parameters():
             p.allreduce = False
             p.group_name = name

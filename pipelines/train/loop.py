@@ -7,8 +7,13 @@ Per stage, in this order (the fixed order of parallelize.py-style wrapping):
   -> deepspeed.initialize -> (resuming mid-stage) optimizer, schedule, data position.
 
 Per optimizer step: grad_accum micro steps of (batch, all-reduced end-of-epoch flag,
-engine forward, engine.backward, engine.step). Every `checkpoint_every` steps and at the
-end of a stage every rank writes its part of the checkpoint and reports it to Ray Train.
+engine forward, engine.backward, engine.step; `backward_and_step`). Every
+`checkpoint_every` steps and at the end of a stage every rank writes its part of the
+checkpoint and reports it to Ray Train.
+
+Workers on one machine exchange through shared memory (shm_comm, train.shm_collectives):
+the experts' all-to-alls, the end-of-epoch flag and, at ZeRO 0, the gradient all-reduce,
+which `SharedMemoryReduction` then does in place of the engine's.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
-    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots)
+    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and not t.use_gpu)
     if reader is not None:
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)
@@ -69,7 +74,68 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
         lr_scheduler=deepspeed_config.scheduler(opt, stage),
         config=deepspeed_config.engine_config(t, world),
     )
+    engine.uniloom_reduction = SharedMemoryReduction.attach(engine) if t.shm_collectives and not t.use_gpu else None
     return engine, trainee
+
+
+def backward_and_step(engine, loss: torch.Tensor) -> None:
+    """engine.backward, then (at a gradient-accumulation boundary) the shared-memory
+    gradient reduction where build_engine put it in place of the engine's own, engine.step."""
+    engine.backward(loss)
+    if engine.uniloom_reduction is not None and engine.is_gradient_accumulation_boundary():
+        engine.uniloom_reduction()
+    engine.step()
+
+
+class SharedMemoryReduction:
+    """The engine's ZeRO-0 gradient all-reduce (DeepSpeedEngine.buffered_allreduce_fallback:
+    non-expert gradients summed over the data-parallel group, each expert group's over its
+    expert-data-parallel group, all divided by the data-parallel size) through shm_comm
+    channels, for workers that share a machine: 1.3 ms against gloo's 5.9 for the tiny
+    preset's 1.8M gradients. ZeRO 1/2 reduce inside their optimizer and keep DeepSpeed's."""
+
+    def __init__(self, engine, dense, experts: dict):
+        self.engine, self.dense, self.experts = engine, dense, experts
+
+    @classmethod
+    def attach(cls, engine) -> SharedMemoryReduction | None:
+        """Switch the engine's own reduction off and return this one, where it applies."""
+        from deepspeed.utils import groups
+
+        from uniloom.pipelines.train import shm_comm
+
+        if engine.zero_optimization_stage() != 0 or dist.get_world_size() < 2:
+            return None
+        dense = shm_comm.channel(groups._get_data_parallel_group())
+        if dense is None:
+            return None
+        experts = {}
+        for name in groups._get_expert_data_parallel_group_dict():
+            group = groups._get_expert_data_parallel_group(name)
+            experts[name] = (group, shm_comm.channel(group) if dist.get_world_size(group) > 1 else None)
+        engine.enable_backward_allreduce = False
+        return cls(engine, dense, experts)
+
+    def __call__(self) -> None:
+        """After engine.backward, at a gradient-accumulation boundary."""
+        from deepspeed.utils import groups
+
+        non_expert, expert = self.engine._get_gradients_for_reduction()  # DeepSpeed's split
+        scale = 1.0 / dist.get_world_size(groups._get_data_parallel_group())
+        self.dense.all_reduce_(non_expert)
+        for name, grads in expert.items():
+            group, channel = self.experts[name]
+            if not grads:
+                continue
+            if channel is not None:
+                channel.all_reduce_(grads)
+            elif dist.get_world_size(group) > 1:
+                flat = torch._utils._flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=group)
+                for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    g.copy_(r)
+        for g in non_expert + [g for grads in expert.values() for g in grads]:
+            g.mul_(scale)
 
 
 class StageRun:
@@ -108,9 +174,11 @@ class StageRun:
         """One forward, backward and engine step; the losses, or None when this worker's
         epoch ran dry and it only took part in the collectives."""
         batch = self.stream.next_batch()
-        flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])  # any rank's: the sum > 0
+        if self.engine.uniloom_reduction is not None:
+            self.engine.uniloom_reduction.dense.all_reduce_([flag])
+        elif self.world > 1:
+            dist.all_reduce(flag)
         weight = 1.0
         if batch is None:  # this worker's epoch ran dry: take part in the collectives only
             batch, weight = last[0], 0.0
@@ -119,8 +187,7 @@ class StageRun:
         # a resumed run draws exactly what the uninterrupted one would have.
         torch.manual_seed(hash((self.t.seed, self.rank, self.global_step, micro)) % (1 << 62))
         losses = self.engine(batch)
-        self.engine.backward(losses.total * weight)
-        self.engine.step()
+        backward_and_step(self.engine, losses.total * weight)
         if weight:
             window.add(losses, int((batch.doc_ids >= 0).sum()))
         if flag.item():

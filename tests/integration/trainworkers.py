@@ -113,12 +113,13 @@ def _engine(cfg: UniloomConfig, world: int, weights: str, reader=None):
 
 
 def _steps(engine, rank: int, seeds) -> list[float]:
+    from uniloom.pipelines.train.loop import backward_and_step
+
     out = []
     for s in seeds:
         torch.manual_seed(1000 + s)  # the flow loss's noise, as the loop fixes it per step
         loss = engine(batch(10 * s + rank)).total
-        engine.backward(loss)
-        engine.step()
+        backward_and_step(engine, loss)
         out.append(loss.item())
     return out
 
