@@ -74,7 +74,9 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
         lr_scheduler=deepspeed_config.scheduler(opt, stage),
         config=deepspeed_config.engine_config(t, world),
     )
-    engine.uniloom_reduction = SharedMemoryReduction.attach(engine) if t.shm_collectives and not t.use_gpu else None
+    engine.uniloom_reduction = (
+        SharedMemoryReduction.attach(engine) if t.shm_collectives and not t.use_gpu else None
+    )
     return engine, trainee
 
 

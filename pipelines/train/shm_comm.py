@@ -186,7 +186,9 @@ class ShmChannel:
                             f"shared-memory collective: rank {j} of the group (pid {int(ctrl[j, PID])}) exited"
                         )
                 if now > deadline:
-                    raise UniloomError(f"shared-memory collective: peers did not arrive in {self.timeout_s:.0f} s")
+                    raise UniloomError(
+                        f"shared-memory collective: peers did not arrive in {self.timeout_s:.0f} s"
+                    )
 
     def _begin(self, nbytes: int) -> torch.Tensor:
         """Wait until my outbox is free, grow it if needed; its first nbytes."""
@@ -205,7 +207,9 @@ class ShmChannel:
 
     # -- collectives -------------------------------------------------------------------
 
-    def all_to_all_single(self, out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int]):
+    def all_to_all_single(
+        self, out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int]
+    ):
         """dist.all_to_all_single(out, x, out_splits, in_splits) on contiguous tensors:
         rows in_splits[j] of x go to rank j; out receives out_splits[j] rows from rank j."""
         row = math.prod(x.shape[1:]) * x.element_size()  # bytes

@@ -56,15 +56,17 @@ def config(zero: int) -> UniloomConfig:
 
 def parity(rank: int, world: int, port: int) -> None:
     """Expert-parallel layers compute what the single-device model computes, without and
-    with shadow experts (then every layer must have lent at least one expert)."""
+    with shadow experts (then every layer must have lent at least one expert), exchanging
+    through gloo and through shared memory."""
     init(rank, world, port)
     for shadow_min_slots in (0, 1):
-        _parity(rank, world, shadow_min_slots)
+        for shm in (False, True):
+            _parity(rank, world, shadow_min_slots, shm)
     dist.barrier()
     dist.destroy_process_group()  # not at interpreter exit, where gloo's threads may abort
 
 
-def _parity(rank: int, world: int, shadow_min_slots: int) -> None:
+def _parity(rank: int, world: int, shadow_min_slots: int, shm: bool) -> None:
     from uniloom.pipelines.train.expert_parallel import parallelize
     from uniloom.pipelines.train.module import Trainee
 
@@ -72,7 +74,8 @@ def _parity(rank: int, world: int, shadow_min_slots: int) -> None:
     sharded = Trainee(MODEL, MINGTOK)
     torch.manual_seed(0)
     whole = Trainee(MODEL, MINGTOK)
-    parallelize(sharded, world, shadow_min_slots)
+    parallelize(sharded, world, shadow_min_slots, shm)
+    assert (sharded.model.layers[0].moe.experts.channel is not None) == shm
     b = batch(rank)  # each rank its own tokens: the all-to-all really moves them
 
     def hidden(m):
@@ -152,3 +155,92 @@ def resume(rank: int, world: int, port: int, zero: int, folder: str) -> None:
     Path(f"{folder}/resumed-{world}-{rank}.json").write_text(
         json.dumps({"losses": losses, "position": position})
     )
+
+
+def reduction(rank: int, world: int, port: int, folder: str) -> None:
+    """ZeRO 0: the shared-memory gradient reduction leaves the weights DeepSpeed's own
+    reduction leaves, bit for bit, over three steps."""
+    init(rank, world, port)
+    weights = {}
+    for shm in (False, True):
+        cfg = config(0)
+        cfg.train.shm_collectives = shm
+        engine, trainee, _ = _engine(cfg, world, f"{folder}/mingtok.safetensors")
+        assert (engine.uniloom_reduction is not None) == shm and engine.enable_backward_allreduce == (not shm)
+        _steps(engine, rank, range(3))
+        weights[shm] = {n: p.detach().clone() for n, p in trainee.named_parameters()}
+    for name, p in weights[True].items():
+        assert torch.equal(p, weights[False][name]), (name, (p - weights[False][name]).abs().max())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def shm_collectives(rank: int, world: int, port: int) -> None:
+    """ShmChannel against gloo on random uneven splits (empty ones too) and sizes that
+    make the outboxes grow; no file left in /dev/shm."""
+    from uniloom.pipelines.train.shm_comm import SHM_DIR, ShmChannel
+
+    init(rank, world, port)
+    ch = ShmChannel.open(dist.group.WORLD, initial_bytes=4096)
+    assert ch is not None
+    g = torch.Generator().manual_seed(rank)
+    for it in range(30):
+        splits = torch.randint(
+            0, 40 if it % 5 else 4000, (world, world), generator=torch.Generator().manual_seed(it)
+        )
+        splits[it % world, (it + 1) % world] = 0
+        ins, outs = splits[rank].tolist(), splits[:, rank].tolist()
+        x = torch.randn(sum(ins), 3, 5, generator=g)
+        want, got = torch.empty(sum(outs), 3, 5), torch.empty(sum(outs), 3, 5)
+        dist.all_to_all_single(want, x, outs, ins)
+        ch.all_to_all_single(got, x, outs, ins)
+        assert torch.equal(want, got), it
+        parts = [torch.randn(n, generator=g) for n in (1, 7 * it + 3, 5)]
+        summed = torch.cat(parts)
+        dist.all_reduce(summed)
+        ch.all_reduce_(parts)
+        assert torch.allclose(torch.cat(parts), summed, atol=1e-5), it
+        everyone = [torch.empty_like(summed) for _ in range(world)]
+        dist.all_gather(everyone, torch.cat(parts))
+        assert all(torch.equal(everyone[0], e) for e in everyone), "ranks disagree"
+    assert ch.gens[rank] > 0, "the outbox never grew"
+    ch.all_to_all_single(torch.empty(0), torch.empty(0), [0] * world, [0] * world)
+    dist.barrier()
+    assert not list(SHM_DIR.glob(f"{ch.name}*")), list(SHM_DIR.glob(f"{ch.name}*"))
+    dist.destroy_process_group()
+
+
+def shm_fallback(rank: int, world: int, port: int) -> None:
+    """A rank that cannot use shared memory turns the channel off on every rank."""
+    from uniloom.pipelines.train import shm_comm
+
+    init(rank, world, port)
+    if rank == world - 1:
+        shm_comm._supported = lambda: False
+    assert shm_comm.ShmChannel.open(dist.group.WORLD) is None
+    dist.barrier()
+    assert not list(shm_comm.SHM_DIR.glob(f"uniloom-shm-{os.getpid()}-*"))
+    dist.destroy_process_group()
+
+
+def shm_dead_peer(rank: int, world: int, port: int) -> None:
+    """A rank that dies (os._exit, as a killed worker) makes the others' next collective
+    raise within seconds instead of waiting for it forever."""
+    import time
+
+    from uniloom.pipelines.errors import UniloomError
+    from uniloom.pipelines.train.shm_comm import ShmChannel
+
+    init(rank, world, port)
+    ch = ShmChannel.open(dist.group.WORLD, timeout_s=60)
+    dist.barrier()
+    if rank == world - 1:
+        os._exit(0)
+    started = time.monotonic()
+    try:
+        ch.all_reduce_([torch.ones(4)])
+    except UniloomError as e:
+        assert "exited" in str(e) and time.monotonic() - started < 10, (str(e), time.monotonic() - started)
+    else:
+        raise AssertionError("a collective with a dead peer returned")
+    os._exit(0)  # gloo's peer is gone: skip its teardown
