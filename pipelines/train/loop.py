@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from uniloom.models.moe import MoE
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.train import checkpoint as ckpt
 from uniloom.pipelines.train import deepspeed_config, expert_parallel
@@ -150,7 +151,11 @@ class StageRun:
         self.ep = ctx["ep"]
         reader = resume.reader
         self.engine, self.trainee = build_engine(cfg, name, self.world, self.ep, reader, job)
-        _say(self.rank, f"stage {name}: DeepSpeed engine ready ({type(self.engine.optimizer).__name__})")
+        experts = next((m.experts for m in self.trainee.modules() if isinstance(m, MoE)), None)
+        shm = [what for what, on in (("expert all-to-alls", getattr(experts, "channel", None) is not None),
+                                     ("gradient all-reduce", self.engine.uniloom_reduction is not None)) if on]  # fmt: skip
+        _say(self.rank, f"stage {name}: DeepSpeed engine ready ({type(self.engine.optimizer).__name__}); "
+                        f"through shared memory: {', '.join(shm) or 'nothing'}")  # fmt: skip
         self.step = 0
         self.losses = list(resume.losses)
         self.resumes = list(resume.resumes)
