@@ -148,10 +148,10 @@ class UniVision(nn.Module):
         cond_BT = torch.zeros_like(target_BT)
         cond_BT[:, :-1] = target_BT[:, 1:]
         x0_NC = batch.image_latents[target_BT[batch.image_mask]]
-        flow_mse = h_BTH.new_zeros(0)
-        if x0_NC.shape[0]:
-            cond_NZ = self.flow_condition(h_BTH[cond_BT])
-            flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
+        # Called with no targets too (N = 0): a flow head balanced across ranks
+        # (pipelines/train/flow_balance.py) exchanges rows at every step.
+        cond_NZ = self.flow_condition(h_BTH[cond_BT])
+        flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
         text = text_ce.mean() if text_ce.numel() else zero
         flow = flow_mse.mean() if flow_mse.numel() else zero
         total = self.cfg.text_loss_weight * text + self.cfg.flow_loss_weight * flow

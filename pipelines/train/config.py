@@ -73,6 +73,10 @@ class TrainConfig:
     # borrowed weights when it takes at least this many off the owner; 0: off
     # (pipelines/train/expert_parallel.py)
     shadow_min_slots: int = 32
+    # The flow head's rows move from ranks with more image targets than the mean to ranks
+    # with fewer when some rank is at least this many above it; 0: off
+    # (pipelines/train/flow_balance.py)
+    flow_balance_min_rows: int = 16
     # Workers on one machine exchange through shared memory instead of gloo: the experts'
     # all-to-alls, ZeRO 0's gradient all-reduce, the end-of-epoch flag
     # (pipelines/train/shm_comm.py). Workers on several machines use gloo/NCCL regardless

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from uniloom.models.moe import MoE
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.train import checkpoint as ckpt
-from uniloom.pipelines.train import deepspeed_config, expert_parallel
+from uniloom.pipelines.train import deepspeed_config, expert_parallel, flow_balance, shm_comm
 from uniloom.pipelines.train.data import Position, Stream, TaskSampler
 from uniloom.pipelines.train.metrics import RATES, RunLogger, Window
 from uniloom.pipelines.train.module import Trainee
@@ -63,7 +63,14 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
-    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and not t.use_gpu)
+    shm = t.shm_collectives and not t.use_gpu
+    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=shm)
+    if world > 1:
+        from deepspeed.utils import groups
+
+        group = groups._get_data_parallel_group()  # the flow head's replicas
+        channel = shm_comm.channel(group) if shm and t.flow_balance_min_rows > 0 else None
+        flow_balance.balance(trainee.model.flow_head, t.flow_balance_min_rows, group, channel)
     if reader is not None:
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)
@@ -75,9 +82,7 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
         lr_scheduler=deepspeed_config.scheduler(opt, stage),
         config=deepspeed_config.engine_config(t, world),
     )
-    engine.uniloom_reduction = (
-        SharedMemoryReduction.attach(engine) if t.shm_collectives and not t.use_gpu else None
-    )
+    engine.uniloom_reduction = SharedMemoryReduction.attach(engine) if shm else None
     return engine, trainee
 
 
@@ -105,8 +110,6 @@ class SharedMemoryReduction:
         """Switch the engine's own reduction off and return this one, where it applies."""
         from deepspeed.utils import groups
 
-        from uniloom.pipelines.train import shm_comm
-
         if engine.zero_optimization_stage() != 0 or dist.get_world_size() < 2:
             return None
         dense = shm_comm.channel(groups._get_data_parallel_group())
@@ -125,20 +128,20 @@ class SharedMemoryReduction:
 
         non_expert, expert = self.engine._get_gradients_for_reduction()  # DeepSpeed's split
         scale = 1.0 / dist.get_world_size(groups._get_data_parallel_group())
-        self.dense.all_reduce_(non_expert)
+        self.dense.all_reduce_(non_expert, scale)
         for name, grads in expert.items():
             group, channel = self.experts[name]
             if not grads:
                 continue
             if channel is not None:
-                channel.all_reduce_(grads)
+                channel.all_reduce_(grads, scale)
             elif dist.get_world_size(group) > 1:
                 flat = torch._utils._flatten_dense_tensors(grads)
                 dist.all_reduce(flat, group=group)
-                for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat.mul_(scale), grads)):
                     g.copy_(r)
-        for g in non_expert + [g for grads in expert.values() for g in grads]:
-            g.mul_(scale)
+            else:  # every expert on every rank of its group: nothing to sum
+                torch._foreach_mul_(grads, scale)
 
 
 class StageRun:

@@ -230,11 +230,12 @@ class ShmChannel:
             out_bytes[starts[j] : starts[j] + n].copy_(self._peer_bytes(j)[off : off + n])
         self.ctrl[self.me, CONSUMED] = self.seq
 
-    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
-        """Sum over the ranks, in place, of contiguous tensors of one dtype, as if they
-        were one flat tensor (the outbox is that flat buffer: no flatten or unflatten
-        copies beside it). Rank r adds up chunk r of every rank's contribution, in rank
-        order, and the others copy that chunk: every rank ends with the same bits."""
+    def all_reduce_(self, tensors: list[torch.Tensor], scale: float = 1.0) -> None:
+        """Sum over the ranks (times `scale`), in place, of contiguous tensors of one
+        dtype, as if they were one flat tensor (the outbox is that flat buffer: no flatten
+        or unflatten copies beside it). Rank r adds up chunk r of every rank's
+        contribution, in rank order, and the others copy that chunk: every rank ends with
+        the same bits."""
         dtype, flats = tensors[0].dtype, [t.view(-1) for t in tensors]
         total = sum(f.numel() for f in flats)
         box = self._begin(total * tensors[0].element_size()).view(dtype)
@@ -248,6 +249,8 @@ class ShmChannel:
         acc = torch.add(parts[0], parts[1], out=mine if self.me < 2 else None)  # elementwise: may alias
         for p in parts[2:]:
             acc.add_(p)
+        if scale != 1.0:
+            acc.mul_(scale)
         if acc is not mine:
             mine.copy_(acc)
         self.ctrl[self.me, REDUCED] = self.seq

@@ -28,3 +28,7 @@ def test_shm_gradient_reduction_equals_deepspeeds(tmp_path):
 
     save_random_weights(trainworkers.MINGTOK, str(tmp_path / "mingtok.safetensors"))
     mp.spawn(trainworkers.reduction, args=(2, free_port(), str(tmp_path)), nprocs=2)
+
+
+def test_the_flow_head_balanced_across_ranks_gives_the_unbalanced_losses_and_gradients():
+    mp.spawn(trainworkers.flow_balance, args=(4, free_port()), nprocs=4)

@@ -244,3 +244,52 @@ def shm_dead_peer(rank: int, world: int, port: int) -> None:
     else:
         raise AssertionError("a collective with a dead peer returned")
     os._exit(0)  # gloo's peer is gone: skip its teardown
+
+
+def flow_balance(rank: int, world: int, port: int) -> None:
+    """A flow head balanced over the ranks (through gloo and through shared memory)
+    returns each rank's own per-row losses, and the gradients of the conditions and
+    (summed over ranks) of the head that the unbalanced heads give. The head's random
+    (t, noise) draw is replaced by a fixed t: rows run elsewhere must compare exactly."""
+    import copy
+
+    from uniloom.models.flow_head import FlowHead
+    from uniloom.pipelines.train import flow_balance, shm_comm
+
+    class FixedTimeHead(FlowHead):
+        def loss(self, x0_NC, cond_NZ, batch_mul: int = 1):
+            t = torch.full((x0_NC.shape[0],), 0.3)
+            return (self.velocity(0.7 * x0_NC, t, cond_NZ) + x0_NC).pow(2).mean(-1)
+
+    init(rank, world, port)
+    rows = [40, 0, 5, 9][rank]  # shares of 54 over 4: 14 14 13 13
+    for channel in (None, shm_comm.channel(dist.group.WORLD)):
+        torch.manual_seed(0)
+        local = FixedTimeHead(8, 12, 16, 2, 2.0)
+        for p in local.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        balanced = copy.deepcopy(local)
+        flow_balance.balance(balanced, 1, dist.group.WORLD, channel)
+        g = torch.Generator().manual_seed(rank)
+        x0, cond = torch.randn(rows, 8, generator=g), torch.randn(rows, 12, generator=g)
+        weights = torch.arange(1.0, rows + 1)
+        grads = []
+        for head in (local, balanced):
+            c = cond.clone().requires_grad_()
+            loss = head.loss(x0, c)
+            (loss * weights).sum().backward()
+            grads.append((loss.detach(), c.grad))
+        assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5), (grads[0][0] - grads[1][0]).abs().max()
+        assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+        for (name, p), q in zip(local.named_parameters(), balanced.parameters()):
+            summed = torch.stack([p.grad, q.grad])
+            dist.all_reduce(summed)
+            assert torch.allclose(summed[0], summed[1], atol=1e-4), (
+                name,
+                (summed[0] - summed[1]).abs().max(),
+            )
+        moved = torch.tensor([float(bool(q.grad.abs().sum())) for q in balanced.parameters()])
+        if rank == 1:  # no rows of its own: its head's gradients are the rows it ran for rank 0
+            assert moved.all(), moved
+    dist.barrier()
+    dist.destroy_process_group()
