@@ -22,10 +22,12 @@ afterwards is:
     bump CONSUMED
 
 A waiting rank spins briefly, then yields its core (sched_yield) so that other work on
-the machine (Ray Data's readers) runs meanwhile, and checks every second that its peers'
-processes are alive: a dead peer raises an error where gloo would have raised one
-(Ray Train then restarts the group), never a silent hang. Outbox files are unlinked as
-soon as every peer has mapped them, so a killed process leaves nothing in /dev/shm.
+the machine (Ray Data's readers) runs meanwhile, and after SLEEP_AFTER_S sleeps between
+polls (a long wait: another rank is checkpointing or evaluating). It checks every second
+that its peers' processes are alive: a dead peer raises an error where gloo would have
+raised one (Ray Train then restarts the group), never a silent hang. Files are unlinked
+as soon as every peer has mapped them: a killed process leaves nothing in /dev/shm
+(except an outbox it grew in its very last collective).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SHM_DIR = Path("/dev/shm")
 ARRIVED, REDUCED, CONSUMED, GEN, CAPACITY, PID, NONCE = range(7)
 HEADER = 8  # int64 columns before the R outbox offsets
 SPIN = 200  # busy polls before a waiting rank starts yielding its core
+SLEEP_AFTER_S, SLEEP_S = 0.02, 0.0005  # then, after this long, it sleeps this long per poll
 LIVENESS_S = 1.0  # how often a waiting rank checks that its peers still exist
 
 
@@ -167,18 +170,21 @@ class ShmChannel:
     def _wait(self, col: int, value: int, peers: list[int] | None = None) -> None:
         """Until counter `col` of every peer (or of `peers`) reaches `value`."""
         ctrl, peers = self.ctrl, self.peers if peers is None else peers
-        spins, deadline, check = 0, None, 0.0
+        spins, started, deadline, check = 0, 0.0, None, 0.0
         while True:
             if all(ctrl[j, col] >= value for j in peers):
                 return
             spins += 1
             if spins < SPIN:
                 continue
-            os.sched_yield()
             now = time.monotonic()
             if deadline is None:
-                deadline, check = now + self.timeout_s, now + LIVENESS_S
-            elif now > check:
+                started, deadline, check = now, now + self.timeout_s, now + LIVENESS_S
+            if now - started > SLEEP_AFTER_S:
+                time.sleep(SLEEP_S)
+            else:
+                os.sched_yield()
+            if now > check:
                 check = now + LIVENESS_S
                 for j in peers:
                     if ctrl[j, col] < value and not _alive(int(ctrl[j, PID])):
