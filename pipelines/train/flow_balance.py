@@ -40,7 +40,8 @@ class BalancedRows:
         N, C = x0_NC.shape
         group, channel = self.balance_group, self.balance_channel
         R, me = dist.get_world_size(group), dist.get_rank(group)
-        counts = exchange(torch.full((R,), N, dtype=torch.long), [1] * R, [1] * R, group, channel).tolist()
+        counts = torch.full((R,), N, dtype=torch.long, device=x0_NC.device)
+        counts = exchange(counts, [1] * R, [1] * R, group, channel).tolist()
         moves = row_moves(counts, self.balance_min_rows)  # moves[s][d]: rows s sends d
         if not any(map(any, moves)):
             return super().loss(x0_NC, cond_NZ, batch_mul)

@@ -63,14 +63,12 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
-    shm = t.shm_collectives and not t.use_gpu
-    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=shm)
+    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and not t.use_gpu)
     if world > 1:
         from deepspeed.utils import groups
 
-        group = groups._get_data_parallel_group()  # the flow head's replicas
-        channel = shm_comm.channel(group) if shm and t.flow_balance_min_rows > 0 else None
-        flow_balance.balance(trainee.model.flow_head, t.flow_balance_min_rows, group, channel)
+        flow_balance.balance(trainee.model.flow_head, t.flow_balance_min_rows,
+                             groups._get_data_parallel_group(), data_parallel_channel(t, world))  # fmt: skip
     if reader is not None:
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)
@@ -82,8 +80,19 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
         lr_scheduler=deepspeed_config.scheduler(opt, stage),
         config=deepspeed_config.engine_config(t, world),
     )
-    engine.uniloom_reduction = SharedMemoryReduction.attach(engine) if shm else None
+    engine.uniloom_reduction = SharedMemoryReduction.attach(engine, data_parallel_channel(t, world))
     return engine, trainee
+
+
+def data_parallel_channel(t, world: int):
+    """The shared-memory channel of the data-parallel group (the flow head's replicas, the
+    dense gradients, the end-of-epoch flag), or None: off, on GPUs, or across machines.
+    Collective on first use; shm_comm keeps it."""
+    if world < 2 or not t.shm_collectives or t.use_gpu:
+        return None
+    from deepspeed.utils import groups
+
+    return shm_comm.channel(groups._get_data_parallel_group())
 
 
 def backward_and_step(engine, loss: torch.Tensor) -> None:
@@ -106,14 +115,12 @@ class SharedMemoryReduction:
         self.engine, self.dense, self.experts = engine, dense, experts
 
     @classmethod
-    def attach(cls, engine) -> SharedMemoryReduction | None:
-        """Switch the engine's own reduction off and return this one, where it applies."""
+    def attach(cls, engine, dense) -> SharedMemoryReduction | None:
+        """Switch the engine's own reduction off and return this one, where it applies
+        (ZeRO 0, `dense` the data-parallel group's channel)."""
         from deepspeed.utils import groups
 
-        if engine.zero_optimization_stage() != 0 or dist.get_world_size() < 2:
-            return None
-        dense = shm_comm.channel(groups._get_data_parallel_group())
-        if dense is None:
+        if engine.zero_optimization_stage() != 0 or dense is None:
             return None
         experts = {}
         for name in groups._get_expert_data_parallel_group_dict():
@@ -154,6 +161,7 @@ class StageRun:
         self.ep = ctx["ep"]
         reader = resume.reader
         self.engine, self.trainee = build_engine(cfg, name, self.world, self.ep, reader, job)
+        self.channel = data_parallel_channel(self.t, self.world)  # the engine's: shm_comm keeps it
         experts = next((m.experts for m in self.trainee.modules() if isinstance(m, MoE)), None)
         shm = [what for what, on in (("expert all-to-alls", getattr(experts, "channel", None) is not None),
                                      ("gradient all-reduce", self.engine.uniloom_reduction is not None)) if on]  # fmt: skip
@@ -185,8 +193,8 @@ class StageRun:
         epoch ran dry and it only took part in the collectives."""
         batch = self.stream.next_batch()
         flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])  # any rank's: the sum > 0
-        if self.engine.uniloom_reduction is not None:
-            self.engine.uniloom_reduction.dense.all_reduce_([flag])
+        if self.channel is not None:
+            self.channel.all_reduce_([flag])
         elif self.world > 1:
             dist.all_reduce(flag)
         weight = 1.0
