@@ -82,6 +82,13 @@ def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     cfg = copy.deepcopy(cfg)
     cfg.train.shards = done["data"].outputs["shards"]
     cfg.data.tokenizer_weights = done["tokenizer"].outputs["weights"]
+    if not cfg.train.run_name:
+        # One Ray Train run per MingTok: rerun on the same shards (a workflow that died
+        # mid-training) it resumes; shards of a retrained MingTok start a run of their own
+        # instead of meeting the old run's checkpoints.
+        from uniloom.pipelines.train.trainer import effective_config, run_name
+
+        cfg.train.run_name = f"{run_name(cfg)}-{effective_config(cfg)[1][:8]}"
     summary = train(cfg, stage=None, echo=_echo)
     metrics = _numbers(
         summary, ("loss_first", "loss_last", "global_step", "tokens_per_s", "registered_version")

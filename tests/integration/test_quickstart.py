@@ -93,3 +93,13 @@ def test_the_workflow_registered_both_models_and_a_rerun_skips_every_stage(quick
     assert summary["ran"] == [] and len(summary["skipped"]) == 6
     assert "unchanged" in again.stderr
     report(f"uniloom run again on an unchanged workspace: every stage skipped in {summary['seconds']} s")
+    # A retrained MingTok makes new shards: training starts a run of its own (named after
+    # the MingTok) rather than meeting the first run's checkpoints.
+    retrained = subprocess.run(
+        [*command, "--force", "tokenizer"], capture_output=True, text=True, timeout=900
+    )
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    summary = json.loads(retrained.stdout.strip().splitlines()[-1])
+    assert summary["ran"] == ["tokenizer", "data", "train", "eval", "register"], summary
+    runs = sorted(p.name for p in (work / "ws" / "ray_results").glob("univision-tiny-*"))
+    assert len(runs) == 2, runs
