@@ -77,11 +77,10 @@ class ShmChannel:
     """All-to-all and sum all-reduce among the ranks of `group`, through shared memory."""
 
     def __init__(self, group, name: str, ctrl: _Mapped, initial_bytes: int, timeout_s: float):
-        self.group, self.name, self.timeout_s = group, name, timeout_s
+        self.name, self.timeout_s = name, timeout_s
         self.R, self.me = dist.get_world_size(group), dist.get_rank(group)
         self.peers = [j for j in range(self.R) if j != self.me]
-        self._ctrl_map = ctrl
-        self.ctrl = np.frombuffer(ctrl.mm, dtype=np.int64).reshape(self.R, -1)  # (R, stride)
+        self.ctrl = np.frombuffer(ctrl.mm, dtype=np.int64).reshape(self.R, -1)  # (R, stride); keeps the map
         self.seq = 0
         self.outbox: list[_Mapped | None] = [None] * self.R  # mine and the peers' mapped outboxes
         self.gens = [-1] * self.R
@@ -129,9 +128,9 @@ class ShmChannel:
                 ok = False
             ok = _all(ok, group)
         if channel is not None:  # every rank has mapped what it needs (or given up)
-            channel._unlink(channel._outbox_path(me, channel.gens[me]))
+            channel._outbox_path(me, channel.gens[me]).unlink(missing_ok=True)
             if me == 0:
-                channel._unlink(SHM_DIR / name)
+                (SHM_DIR / name).unlink(missing_ok=True)
         if not ok and channel is not None:
             channel.close()
             channel = None
@@ -156,14 +155,9 @@ class ShmChannel:
         if gen != self.gens[j]:
             self.outbox[j], self.gens[j] = _Mapped(self._outbox_path(j, gen)), gen
 
-    @staticmethod
-    def _unlink(path: Path) -> None:
-        path.unlink(missing_ok=True)
-
     def close(self) -> None:
         self.outbox = [None] * self.R
         self.ctrl = None
-        self._ctrl_map = None
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -200,7 +194,7 @@ class ShmChannel:
         """Wait until my outbox is free, grow it if needed; its first nbytes."""
         self._wait(CONSUMED, self.seq)
         if self._unlink_after is not None and self._unlink_after[0] <= self.seq:
-            self._unlink(self._unlink_after[1])
+            self._unlink_after[1].unlink(missing_ok=True)
             self._unlink_after = None
         if nbytes > int(self.ctrl[self.me, CAPACITY]):
             self._grow(nbytes)
