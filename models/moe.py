@@ -15,11 +15,19 @@ from the same samples unpacked, and the layer from its dense reference. Dropless
 all three exact; the cost, uneven expert loads across expert-parallel ranks, is what the
 load-balancing loss keeps in check.
 
+Padding takes no expert slot. `valid_T` marks the tokens that exist (not padding of a
+packed batch, not a token hidden from every query); only they are routed, counted in the
+expert loads and averaged into the balance loss, so a padded batch costs the experts, the
+all-to-all and the loss exactly what the same batch unpadded does. An invalid token gets
+the shared experts only; nothing reads it. Being dropless, a valid token's output never
+depended on the others, so this keeps the three exactness properties above.
+
 Load-balancing loss (Switch / DeepSeek style): aux = E * sum_e f_e * P_e, with f_e the
-fraction of token-slots routed to expert e (T * k slots) and P_e the mean router
-probability of e over the tokens; each token's probabilities come from the gate that
-routed it, and f and P are taken over all tokens together because the experts' actual
-load (what unbalances an all-to-all) is the joint one. Perfect balance gives 1.
+fraction of token-slots routed to expert e (M * k slots of the M valid tokens) and P_e
+the mean router probability of e over the valid tokens; each token's probabilities come
+from the gate that routed it, and f and P are taken over all tokens together because the
+experts' actual load (what unbalances an all-to-all) is the joint one. Perfect balance
+gives 1.
 
 Expert-parallel seam. The model stays single-device; expert parallelism is applied from
 outside (pipelines/, on DeepSpeed's expert-parallel process groups) by replacing ONE
@@ -41,8 +49,8 @@ DeepSpeed's layer brings its own gate (no multi-gate routing by modality, a diff
 balancing loss), stores experts as separate modules (no grouped weights), and importing
 DeepSpeed would break the rule that models/ is plain PyTorch.
 
-Shape legend: T tokens (batch * sequence flattened), D hidden, E routed experts, k experts
-per token, N = T * k token-slots, F expert FFN width.
+Shape legend: T tokens (batch * sequence flattened), M valid tokens of them, D hidden, E routed
+experts, k experts per token, N = M * k token-slots, F expert FFN width.
 """
 
 from __future__ import annotations
@@ -134,23 +142,30 @@ class MoE(nn.Module):
         top_scores_TK = top_scores_TK / top_scores_TK.sum(-1, keepdim=True)
         return probs_TE, top_scores_TK, selected_TK
 
-    def forward(self, x_BTD, image_mask_BT=None):
+    def forward(self, x_BTD, image_mask_BT=None, valid_BT=None):
+        """x (B, T, D), image positions and valid (non-padding) tokens (B, T) bool -> (B, T, D)."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         image_mask_T = None if image_mask_BT is None else image_mask_BT.reshape(B * T)
-        probs_TE, top_scores_TK, selected_TK = self.route(x_TD, image_mask_T)
+        token_M = None if valid_BT is None else valid_BT.reshape(B * T).nonzero()[:, 0]
+        x_MD = x_TD if token_M is None else x_TD[token_M]
+        image_mask_M = image_mask_T if token_M is None or image_mask_T is None else image_mask_T[token_M]
+        probs_ME, top_scores_MK, selected_MK = self.route(x_MD, image_mask_M)
 
-        # Sort the T * k token-slots by expert so each expert reads one contiguous block.
-        selected_N = selected_TK.reshape(-1)
+        # Sort the M * k token-slots by expert so each expert reads one contiguous block.
+        selected_N = selected_MK.reshape(-1)
         order_N = selected_N.argsort(stable=True)
-        token_N = order_N // self.top_k  # which token each sorted slot belongs to
+        slot_token_N = order_N // self.top_k  # which valid token each sorted slot belongs to
+        token_N = slot_token_N if token_M is None else token_M[slot_token_N]
         num_tokens_per_expert_E = torch.bincount(selected_N, minlength=self.num_experts)
         out_ND = self.experts(x_TD[token_N], num_tokens_per_expert_E)
-        out_ND = out_ND * top_scores_TK.reshape(-1)[order_N, None].to(out_ND.dtype)
+        out_ND = out_ND * top_scores_MK.reshape(-1)[order_N, None].to(out_ND.dtype)
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
-        f_E = num_tokens_per_expert_E.float() / selected_N.numel()
-        aux_loss = self.num_experts * (f_E * probs_TE.mean(0)).sum()
+        # Sums over max(M, 1): a batch of padding alone (a rank's empty step) gives 0, not NaN.
+        M = max(probs_ME.shape[0], 1)
+        f_E = num_tokens_per_expert_E.float() / (M * self.top_k)
+        aux_loss = self.num_experts * (f_E * probs_ME.sum(0) / M).sum()
         return out_TD.view(B, T, D), MoEStats(aux_loss, num_tokens_per_expert_E.detach())

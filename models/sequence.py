@@ -1,8 +1,10 @@
 """The unified sequence format and its builders for the four task kinds, plus packing.
 
-One conversation turn each (ids from the pipeline's BPE; specials from special_tokens):
+One conversation turn each, or several (ids from the pipeline's BPE; specials from
+special_tokens):
 
     understanding  <human> <image_start> [slot]*N <image_end> question <assistant> answer <eos>
+                   ( <human> question <assistant> answer <eos> )*    (multi-turn VQA)
     text-to-image  <human> caption <assistant> <image_start> [slot]*N <image_end> <eos>
     text-only      text <eos>        or   <human> prompt <assistant> response <eos>
     editing        <human> <image_start> [src]*N <image_end> instruction <assistant>
@@ -16,7 +18,8 @@ position i predicts (-100: none) and image_targets[i] marks a slot whose latent 
 hidden state at i - 1 predicts (<image_start> predicts the first latent). Loss falls on
 the assistant's answer and <eos>, and for a generated image on <image_start> (deciding to
 draw), every latent, <image_end> and <eos>. Because targets never cross a document
-boundary, packing is concatenation.
+boundary, packing is concatenation. `turn_ids` tells which assistant turn a text target
+belongs to (the text loss averages per turn).
 
 Classifier-free guidance is trained by `drop`: "text" removes the caption/instruction of
 the (last) human turn, "turn" removes that whole turn. These are exactly the sequences
@@ -136,8 +139,18 @@ class SequenceBuilder:
 
 def understanding(image_latents_NC, question_ids: Sequence[int], answer_ids: Sequence[int]) -> Sample:
     """Caption (empty question) or VQA: the image and question in, the answer out."""
+    return conversation(image_latents_NC, [(question_ids, answer_ids)])
+
+
+def conversation(image_latents_NC, turns: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Sample:
+    """Multi-turn VQA: the image once, in the first human turn, then every (question,
+    answer) pair as a turn of its own; every answer (and its <eos>) is a target."""
+    if not turns:
+        raise ValueError("a conversation needs at least one (question, answer) turn")
     b = SequenceBuilder(image_latents_NC.shape[1])
-    return b.human(question_ids, image=image_latents_NC).assistant_text(answer_ids).build("understanding")
+    for i, (question_ids, answer_ids) in enumerate(turns):
+        b.human(question_ids, image=image_latents_NC if i == 0 else None).assistant_text(answer_ids)
+    return b.build("understanding")
 
 
 def text_to_image(caption_ids: Sequence[int], image_latents_NC, drop: Drop = "none") -> Sample:
@@ -254,6 +267,14 @@ def _rows(groups: list[list[Sample]], seq_len: int) -> Batch:
     # Text-only samples hold no latents (and do not know the latent width): leave them out.
     image_latents = torch.cat([z for z in latents if z.shape[0]] or latents[:1])
     return Batch(**out, image_latents=image_latents)
+
+
+def turn_ids(batch: Batch) -> torch.Tensor:
+    """(B, T) long: ids, unique in the batch, of the turn each position belongs to. A turn
+    starts at every <assistant> and every document start (a plain text document is one
+    turn), so a text target's id names the answer, caption or image it belongs to."""
+    starts_BT = (batch.input_ids == SPECIAL_IDS[ASSISTANT]) | (batch.position_ids == 0)
+    return starts_BT.flatten().cumsum(0).view_as(starts_BT)
 
 
 def collate(samples: Sequence[Sample], seq_len: int | None = None) -> Batch:

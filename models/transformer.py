@@ -141,7 +141,8 @@ class Attention(nn.Module):
 
 class DecoderBlock(nn.Module):
     """x + attention(norm(x)), then x + MoE(norm(x)); the MoE routes image positions
-    through its own gate."""
+    through its own gate and only the valid (B, T) tokens (models/moe.py: padding takes no
+    expert slot)."""
 
     def __init__(self, cfg: UniVisionConfig):
         super().__init__()
@@ -150,7 +151,9 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.moe = MoE(cfg)
 
-    def forward(self, x, cos, sin, mask, image_mask=None, cache=None, layer: int = 0):  # (B, T, H)
+    def forward(
+        self, x, cos, sin, mask, image_mask=None, cache=None, layer: int = 0, valid=None
+    ):  # (B, T, H)
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        y, stats = self.moe(self.ffn_norm(x), image_mask)
+        y, stats = self.moe(self.ffn_norm(x), image_mask, valid)
         return x + y, stats

@@ -13,7 +13,10 @@ slot i + 1, so <image_start> predicts the first latent and the last slot predict
 
 Loss = text_loss_weight * text CE + flow_loss_weight * flow-matching MSE
        + aux_loss_weight * load-balancing loss (mean over layers),
-each averaged over its own targets; `Losses.per_task` splits them by task kind.
+the flow term averaged over generated latents, the text term over assistant turns (each
+turn's CE averaged over its tokens first: a one-word VQA answer weighs as much as a long
+caption, so answers are not drowned by caption tokens); `Losses.per_task` splits them by
+task kind (token means).
 
 Shape legend: B batch, T sequence, H hidden, V vocab, P image slots in the batch, D MingTok
 semantic width, C latent channels, L layers, E experts.
@@ -28,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uniloom.models.flow_head import FlowHead
-from uniloom.models.sequence import IGNORE, TASKS, Batch
+from uniloom.models.sequence import IGNORE, TASKS, Batch, turn_ids
 from uniloom.models.transformer import DecoderBlock, KVCache, RMSNorm, attention_mask, rope_angles
 from uniloom.models.univision_config import UniVisionConfig
 
@@ -45,7 +48,7 @@ class DecoderOutput:
 @dataclass
 class Losses:
     total: torch.Tensor
-    text: torch.Tensor  # mean CE over text targets (0 when the batch has none)
+    text: torch.Tensor  # mean over assistant turns of their mean CE (0 when the batch has none)
     flow: torch.Tensor  # mean flow-matching MSE over generated latents (0 when none)
     aux: torch.Tensor
     per_task: dict[str, float]  # "<task>/text", "<task>/flow" for the tasks present
@@ -104,6 +107,10 @@ class UniVision(nn.Module):
         visible tokens before it in its row (cache included)."""
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
+        # Tokens no query reads (padding: doc id -1, or hidden keys) take no expert slot.
+        valid_BT = key_mask_BT
+        if doc_ids_BT is not None:
+            valid_BT = doc_ids_BT >= 0 if valid_BT is None else valid_BT & (doc_ids_BT >= 0)
         key_mask_BT = (
             torch.ones(B, T, dtype=torch.bool, device=device) if key_mask_BT is None else key_mask_BT
         )
@@ -117,7 +124,7 @@ class UniVision(nn.Module):
         cos, sin = rope_angles(position_ids_BT, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         aux, load = [], []
         for i, layer in enumerate(self.layers):
-            x, stats = layer(x, cos, sin, mask, image_mask_BT, cache, i)
+            x, stats = layer(x, cos, sin, mask, image_mask_BT, cache, i, valid_BT)
             aux.append(stats.aux_loss)
             load.append(stats.tokens_per_expert)
         return DecoderOutput(self.norm(x), torch.stack(aux).mean(), torch.stack(load))
@@ -152,7 +159,7 @@ class UniVision(nn.Module):
         # (pipelines/train/flow_balance.py) exchanges rows at every step.
         cond_NZ = self.flow_condition(h_BTH[cond_BT])
         flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
-        text = text_ce.mean() if text_ce.numel() else zero
+        text = _turn_mean(text_ce, turn_ids(batch)[text_sel]) if text_ce.numel() else zero
         flow = flow_mse.mean() if flow_mse.numel() else zero
         total = self.cfg.text_loss_weight * text + self.cfg.flow_loss_weight * flow
         total = total + self.cfg.aux_loss_weight * out.aux_loss
@@ -187,6 +194,12 @@ class UniVision(nn.Module):
             "total": backbone + vision,
             "routed_experts": routed,
         }
+
+
+def _turn_mean(values_N, turn_N):
+    """Mean over turns of each turn's mean value: () from (N,) values and their turn ids."""
+    _, inverse_N, counts = turn_N.unique(return_inverse=True, return_counts=True)
+    return (values_N / counts[inverse_N]).sum() / counts.numel()
 
 
 def _per_task(values_N, task_N, name: str) -> dict[str, float]:

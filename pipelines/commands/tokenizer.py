@@ -21,8 +21,11 @@ def tokenizer() -> None:
 
 @tokenizer.command()
 @click.option("--corpus", type=click.Path(file_okay=False), help="Corpus tars [preset: <workspace>/corpus].")
-@click.option("--steps", type=int, help="Training steps [preset: tokenizer.steps].")
-@click.option("--minutes", "max_minutes", type=float, help="Training time budget [tokenizer.max_minutes].")
+@click.option("--steps", type=int, help="Training steps: the budget [preset: tokenizer.steps].")
+@click.option(
+    "--minutes", "max_minutes", type=float,
+    help="Safety cap on training time; a run it cuts short says so [tokenizer.max_minutes; 0: none].",
+)  # fmt: skip
 @click.option("--workers", "num_workers", type=int, help="Ray Train workers [tokenizer.num_workers].")
 @click.option("--run-name", help="Ray Train run name; an existing run is resumed [mingtok-<preset>].")
 @click.option("--restart", is_flag=True, help="Discard the run's checkpoints and start afresh.")

@@ -1,5 +1,6 @@
-"""Compositional scenes: coloured shapes at positions, with captions, VQA pairs and an
-edit instruction whose target scene is known exactly.
+"""Compositional scenes: coloured shapes at positions, with captions, VQA pairs and a
+chain of edit instructions (each applied to the previous round's result) whose target
+scenes are known exactly.
 
 Coordinates are normalised to [0, 1] (x to the right, y downwards) so one scene renders
 at any resolution. Objects never overlap and keep a gap, so every object is one
@@ -230,8 +231,15 @@ def _edit(rng, kind: str, objects: list[SceneObject]) -> dict[str, Any]:
     }
 
 
-def sample_scene(seed: int, index: int, max_objects: int = 4) -> dict[str, Any]:
-    """The scene for sample `index` of corpus `seed`: a JSON-ready dict (ground truth)."""
+EDIT_ROUNDS = 3
+
+
+def sample_scene(
+    seed: int, index: int, max_objects: int = 4, edit_rounds: int = EDIT_ROUNDS
+) -> dict[str, Any]:
+    """The scene for sample `index` of corpus `seed`: a JSON-ready dict (ground truth).
+    `edits` is a chain: round r's instruction applies to round r - 1's target (round 0's
+    to the scene), and every intermediate target is recorded."""
     rng = np.random.default_rng([seed, index])
     while True:
         kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
@@ -251,18 +259,21 @@ def sample_scene(seed: int, index: int, max_objects: int = 4) -> dict[str, Any]:
         if kind == "pair" and rel is None:
             continue
         break
-    edit = _edit(rng, kind, objects)
+    caption, vqa = _caption(rng, kind, objects, rel), _vqa(rng, kind, objects, rel)
+    edits, current = [], objects
+    for _ in range(edit_rounds):
+        edit = _edit(rng, kind, current)
+        current = edit["target"]
+        edits.append(
+            {"op": edit["op"], "instruction": edit["instruction"], "objects": [asdict(o) for o in current]}
+        )
     return {
         "kind": kind,
         "objects": [asdict(o) for o in objects],
         "relation": rel,
-        "caption": _caption(rng, kind, objects, rel),
-        "vqa": _vqa(rng, kind, objects, rel),
-        "edit": {
-            "op": edit["op"],
-            "instruction": edit["instruction"],
-            "objects": [asdict(o) for o in edit["target"]],
-        },
+        "caption": caption,
+        "vqa": vqa,
+        "edits": edits,
     }
 
 

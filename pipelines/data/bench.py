@@ -34,7 +34,7 @@ from uniloom.pipelines.data.images import EditTargets, Load, Open, ParseMeta, Re
 from uniloom.pipelines.data.manifest import code_version
 from uniloom.pipelines.data.readers import InputShard, read_shard
 from uniloom.pipelines.data.runner import run
-from uniloom.pipelines.data.schema import fixed_binary
+from uniloom.pipelines.data.schema import fixed_binary, fixed_binary_lists
 from uniloom.pipelines.data.stages import OK, Batch
 from uniloom.pipelines.errors import UniloomError
 
@@ -84,7 +84,9 @@ def ceiling(cfg: UniloomConfig, shards: list[InputShard], out: Path) -> tuple[in
     torch.set_num_threads(threads)
     S = cfg.mingtok.image_size
     stages = [ParseMeta(), Open(d.max_pixels), Load(), ResizeCrop(S), EditTargets(S)]
-    encoder = Encoder(asdict(cfg.mingtok), d.tokenizer_weights, d.storage_options, asdict(e), d.latent_dtype)
+    encoder = Encoder(
+        asdict(cfg.mingtok), d.tokenizer_weights, d.storage_options, asdict(e), d.latent_dtype, d.precision
+    )
     torch.set_num_threads(threads)  # the Encoder sets its per-actor count
     fs, root = open_fs(str(out))
     fs.makedirs(f"{root}/_tmp", exist_ok=True)
@@ -96,12 +98,13 @@ def ceiling(cfg: UniloomConfig, shards: list[InputShard], out: Path) -> tuple[in
             for stage in stages:
                 stage(batch)
             live = batch.status == OK
-            edit = live & batch.values.get("has_edit", np.zeros(batch.n, bool))
             latents = np.zeros((batch.n, cfg.mingtok.num_tokens, cfg.mingtok.latent_dim), encoder.dtype)
-            edit_latents = np.zeros_like(latents)
             latents[live] = encoder.encode(batch.values["pixels"][live])
-            edit_latents[edit] = encoder.encode(batch.values["edit_pixels"][edit])
-            columns = [block.column("key"), fixed_binary(latents, live), fixed_binary(edit_latents, edit)]
+            chains = batch.values.get("edit_pixels", [None] * batch.n)
+            chains = [c if ok else None for c, ok in zip(chains, live)]
+            item = pa.binary(latents.itemsize * cfg.mingtok.num_tokens * cfg.mingtok.latent_dim)
+            edit_latents = fixed_binary_lists(encoder.encode_chains(chains), item)
+            columns = [block.column("key"), fixed_binary(latents, live), edit_latents]
             tables.append(pa.table(columns, names=["key", "latents", "edit_latents"]).filter(pa.array(live)))
             images += int(live.sum())
         write_parquet(fs, root, pa.concat_tables(tables), f"{root}/{shard.id}.parquet")

@@ -102,7 +102,6 @@ class Committer:
         self.committed: list[str] = []
         self.errors: list[str] = []
         self.on_commit = on_commit
-        self.schema = output_schema(spec.latent_shape, spec.latent_dtype)
         fs, root = manifest.fs, manifest.root
         for folder in ("_tmp", *TABLES.values()):
             fs.makedirs(join(root, folder), exist_ok=True)
@@ -192,42 +191,45 @@ class Committer:
             "quarantine": rejected["quarantine"],
             "filtered": rejected["filtered"],
             "index": index_table(kept.column("key").to_pylist(), shas, phashes),
-            "output": self._output_table(shard, kept),
+            "output": output_table(kept, shard.uri, self.spec),
         }
         for kind, table in tables.items():
             write_parquet(fs, root, table, paths[kind])
 
-    def _output_table(self, shard: InputShard, kept: pa.Table | None) -> pa.Table:
-        if kept.num_rows == 0:
-            return self.schema.empty_table()
-        n, spec = kept.num_rows, self.spec
-        col = kept.column
-        columns = {
-            "key": col("key"),
-            "source": pa.repeat(shard.uri, n),
-            "caption": col("caption"),
-            "text_ids": col("text_ids"),
-            "latents": col("latents").cast(pa.binary()),
-            "latent_shape": pa.repeat(pa.scalar(list(spec.latent_shape), pa.list_(pa.int32())), n),
-            "latent_dtype": pa.repeat(spec.latent_dtype, n),
-            "width": col("width"),
-            "height": col("height"),
-            "image_size": pa.repeat(pa.scalar(spec.image_size, pa.int32()), n),
-            "content_hash": pa.array([s.hex() for s in col("sha").to_pylist()], pa.string()),
-            "text_tokenizer": pa.repeat(spec.text_tokenizer, n),
-            "image_tokenizer": pa.repeat(spec.image_tokenizer, n),
-            "edit_latents": col("edit_latents").cast(pa.binary()),
-        }
-        for name in (
-            "meta",
-            "vqa",
-            "vqa_question_ids",
-            "vqa_answer_ids",
-            "edit_instruction",
-            "edit_instruction_ids",
-        ):
-            columns[name] = col(name)
-        return pa.table([columns[f.name] for f in self.schema], schema=self.schema)
+
+def output_table(kept: pa.Table, source: str, spec: OutputSpec) -> pa.Table:
+    """A shard's kept rows (prepared and encoded) -> the output shard's columns."""
+    schema = output_schema(spec.latent_shape, spec.latent_dtype)
+    if kept.num_rows == 0:
+        return schema.empty_table()
+    n = kept.num_rows
+    col = kept.column
+    columns = {
+        "key": col("key"),
+        "source": pa.repeat(source, n),
+        "caption": col("caption"),
+        "text_ids": col("text_ids"),
+        "latents": col("latents").cast(pa.binary()),
+        "latent_shape": pa.repeat(pa.scalar(list(spec.latent_shape), pa.list_(pa.int32())), n),
+        "latent_dtype": pa.repeat(spec.latent_dtype, n),
+        "width": col("width"),
+        "height": col("height"),
+        "image_size": pa.repeat(pa.scalar(spec.image_size, pa.int32()), n),
+        "content_hash": pa.array([s.hex() for s in col("sha").to_pylist()], pa.string()),
+        "text_tokenizer": pa.repeat(spec.text_tokenizer, n),
+        "image_tokenizer": pa.repeat(spec.image_tokenizer, n),
+        "edit_latents": col("edit_latents").cast(pa.list_(pa.binary())),
+    }
+    for name in (
+        "meta",
+        "vqa",
+        "vqa_question_ids",
+        "vqa_answer_ids",
+        "edit_instruction",
+        "edit_instruction_ids",
+    ):
+        columns[name] = col(name)
+    return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
 def remove_shard(manifest: Manifest, shard_id: str) -> None:

@@ -46,12 +46,15 @@ class DataConfig:
     key_field: str = "key"  # Parquet/HF column with the sample key; absent: the row index
     max_pixels: int = 40_000_000  # decoded images above this are quarantined (decompression bombs)
     latent_dtype: Literal["float32", "float16"] = "float32"
+    # MingTok encoding in fp32, bf16 autocast, or auto: bf16 on CUDA and on CPUs that run it
+    # faster than fp32 (pipelines/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     tokenizer_weights: str = ""  # MingTok safetensors from `uniloom tokenizer train`
     text_tokenizer: str = ""  # a byte-level BPE tokenizer.json; empty: train one on the captions
     bpe_vocab_size: int = 4096
     bpe_min_frequency: int = 2
     bpe_max_captions: int = 1_000_000  # captions read to train the BPE
-    edit_targets: bool = True  # render and encode the target scene of rows with an "edit"
+    edit_targets: bool = True  # render and encode every round's target scene of rows with "edits"
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, ...)
     filters: FilterConfig = field(default_factory=FilterConfig)
     exec: DataExecConfig = field(default_factory=DataExecConfig)

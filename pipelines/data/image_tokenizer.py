@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from uniloom.models.mingtok_config import MingTokConfig
 from uniloom.pipelines.data.fs import open_fs, to_uri
-from uniloom.pipelines.data.schema import fixed_binary
+from uniloom.pipelines.data.schema import fixed_binary, fixed_binary_lists
 from uniloom.pipelines.data.stages import OK
 from uniloom.pipelines.errors import UniloomError
 
@@ -112,17 +112,27 @@ def load_encoder(cfg: MingTokConfig, weights: bytes, name: str, device: str = "c
 
 
 class Encoder:
-    """Actor for map_batches: prepared rows -> rows with `latents` (and `edit_latents`),
-    pixels dropped. Torch threads are set here: each actor owns that many cores."""
+    """Actor for map_batches: prepared rows -> rows with `latents` (and `edit_latents`, one
+    list per edit chain), pixels dropped. Torch threads are set here: each actor owns that
+    many cores."""
 
     def __init__(
-        self, mingtok: dict, weights_uri: str, storage_options: dict, exec_cfg: dict, latent_dtype: str
+        self,
+        mingtok: dict,
+        weights_uri: str,
+        storage_options: dict,
+        exec_cfg: dict,
+        latent_dtype: str,
+        precision: str = "auto",
     ):
         import torch
+
+        from uniloom.pipelines.precision import resolve
 
         torch.set_num_threads(exec_cfg["torch_threads"])
         self.cfg = MingTokConfig(**mingtok)
         self.device = "cuda" if exec_cfg["actor_gpus"] > 0 and torch.cuda.is_available() else "cpu"
+        self.precision = resolve(precision, self.device)  # after the thread count: "auto" is timed at it
         weights = read_weights(weights_uri, storage_options)
         self.model = load_encoder(self.cfg, weights, weights_uri, self.device).eval()
         self.batch = exec_cfg["encode_batch"]
@@ -132,8 +142,10 @@ class Encoder:
         """(n, S, S, 3) uint8 -> latents (n, N, L) in the output dtype."""
         import torch
 
+        from uniloom.pipelines.precision import autocast
+
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(pixels), self.batch):
                 x = torch.from_numpy(pixels[start : start + self.batch]).to(self.device)
                 x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
@@ -151,6 +163,34 @@ class Encoder:
         valid[rows] = True
         return fixed_binary(result, valid)
 
+    def encode_chains(self, chains: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        """Per row (R, S, S, 3) uint8 targets or None -> (R, N, L) latents or None: every
+        round of every chain in one pass through the encoder."""
+        rows = [i for i, c in enumerate(chains) if c is not None]
+        out: list[np.ndarray | None] = [None] * len(chains)
+        if rows:
+            latents = self.encode(np.concatenate([chains[i] for i in rows]))
+            bounds = np.cumsum([len(chains[i]) for i in rows])[:-1]
+            for i, part in zip(rows, np.split(latents, bounds)):
+                out[i] = part
+        return out
+
+    def chain_latents(self, column: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
+        """list<pixels> column -> list<latents> column for `rows`; other rows null."""
+        S = self.cfg.image_size
+        width = S * S * 3
+        chains: list[np.ndarray | None] = [None] * n
+        if len(rows):
+            picked = column.take(pa.array(rows, pa.int64()))
+            values = picked.flatten()
+            flat = np.frombuffer(values.buffers()[1], dtype=np.uint8)
+            flat = flat[values.offset * width : (values.offset + len(values)) * width].reshape(-1, S, S, 3)
+            counts = picked.value_lengths().to_numpy(zero_copy_only=False)
+            for i, part in zip(rows.tolist(), np.split(flat, np.cumsum(counts)[:-1])):
+                chains[i] = part
+        item = pa.binary(self.cfg.num_tokens * self.cfg.latent_dim * self.dtype.itemsize)
+        return fixed_binary_lists(self.encode_chains(chains), item)
+
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
         live = table.column("status").to_numpy(zero_copy_only=False) == OK
@@ -159,7 +199,7 @@ class Encoder:
         has_edit = live & edits.is_valid().to_numpy(zero_copy_only=False)
         table = table.drop_columns(["pixels", "edit_pixels"])
         table = table.append_column("latents", self.latents(pixels, np.flatnonzero(live), n))
-        return table.append_column("edit_latents", self.latents(edits, np.flatnonzero(has_edit), n))
+        return table.append_column("edit_latents", self.chain_latents(edits, np.flatnonzero(has_edit), n))
 
 
 def save_random_weights(cfg: MingTokConfig, path: str, seed: int = 0) -> str:

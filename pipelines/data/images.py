@@ -1,5 +1,5 @@
 """Image stages: open (header only), load (decode, EXIF orientation, RGB), centre crop to
-the model's resolution, perceptual hash, and the rendered target scene of edit rows."""
+the model's resolution, perceptual hash, and the rendered target scenes of edit chains."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PHASH_SIDE = 32  # pHash: DCT of a 32x32 grey image, its 8x8 lowest frequencies
 
 
 class ParseMeta(RowStage):
-    """The sample's JSON (ground truth, VQA pairs, edit), parsed once for later stages."""
+    """The sample's JSON (ground truth, VQA pairs, edit chain), parsed once for later stages."""
 
     name = "parse_meta"
     outputs = ("meta_obj",)
@@ -91,8 +91,21 @@ class Load(RowStage):
         return img, digest.digest(), img.width, img.height
 
 
+def square_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """The one preprocessing of every image MingTok sees (its training, evaluation and
+    reconstruction, and the data stage): RGB, centre crop to a square, bicubic resize to
+    `size`. (size, size, 3) uint8. Cropping, not stretching: shapes keep their proportions."""
+    img = _rgb(img)
+    if img.size == (size, size):
+        return np.asarray(img)
+    side = min(img.width, img.height)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    box = (left, top, left + side, top + side)
+    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0))
+
+
 class ResizeCrop(Stage):
-    """Shorter side to `size`, centre crop to a square: (B, size, size, 3) uint8."""
+    """Centre crop to a square and resize (`square_pixels`): (B, size, size, 3) uint8."""
 
     name = "resize_crop"
 
@@ -103,17 +116,8 @@ class ResizeCrop(Stage):
         S = self.size
         pixels = np.zeros((batch.n, S, S, 3), dtype=np.uint8)
         for i in idx.tolist():
-            img = batch.values["rgb"][i]
+            pixels[i] = square_pixels(batch.values["rgb"][i], S)
             batch.values["rgb"][i] = None
-            side = min(img.width, img.height)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            box = (left, top, left + side, top + side)
-            if img.size == (S, S):
-                pixels[i] = np.asarray(img)
-            else:
-                pixels[i] = np.asarray(
-                    img.resize((S, S), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-                )
         batch.values["pixels"] = pixels
 
 
@@ -147,10 +151,17 @@ class PerceptualHash(Stage):
         batch.values["phash"] = hashes
 
 
+def edit_chain(meta: dict | None) -> list | None:
+    """The rounds of a sample's edit chain (`edits` in its JSON, as the synthetic corpus
+    writes: round r's instruction applies to round r - 1's target), or None without one."""
+    edits = (meta or {}).get("edits")
+    return edits if isinstance(edits, list) and edits else None
+
+
 class EditTargets(Stage):
-    """Rows whose JSON has an edit (instruction + target objects, as the synthetic corpus
-    writes): render the target scene at the model's resolution, so the editing task has
-    its target latents."""
+    """Rows with an edit chain: render every round's target scene at the model's
+    resolution, so the editing task has a target for each round. A round that has no
+    instruction or does not render quarantines the row: a chain is trained whole."""
 
     name = "edit_targets"
 
@@ -158,21 +169,24 @@ class EditTargets(Stage):
         self.size = size
 
     def process(self, batch: Batch, idx: np.ndarray) -> None:
+        targets: list[np.ndarray | None] = [None] * batch.n  # (R, S, S, 3) uint8 per row
+        for i in idx.tolist():
+            rounds = edit_chain(batch.values["meta_obj"][i])
+            if rounds is None:
+                continue
+            try:
+                targets[i] = np.stack([self.target(r, edit) for r, edit in enumerate(rounds)])
+            except Quarantine as e:
+                batch.reject(i, QUARANTINED, str(e))
+        batch.values["edit_pixels"] = targets
+
+    def target(self, r: int, edit) -> np.ndarray:
         from uniloom.pipelines.corpus.render import render
         from uniloom.pipelines.corpus.scenes import scene_objects
 
-        S = self.size
-        targets = np.zeros((batch.n, S, S, 3), dtype=np.uint8)
-        has = np.zeros(batch.n, dtype=bool)
-        for i in idx.tolist():
-            edit = (batch.values["meta_obj"][i] or {}).get("edit")
-            if not isinstance(edit, dict) or "objects" not in edit:
-                continue
-            try:
-                targets[i] = np.asarray(render(scene_objects(edit["objects"]), S))
-            except (KeyError, TypeError, ValueError) as e:
-                batch.reject(i, QUARANTINED, f"edit target does not render ({e.__class__.__name__}: {e})")
-                continue
-            has[i] = True
-        batch.values["edit_pixels"] = targets
-        batch.values["has_edit"] = has
+        if not isinstance(edit, dict) or not isinstance(edit.get("instruction"), str):
+            raise Quarantine(f"edit round {r} has no instruction")
+        try:
+            return np.asarray(render(scene_objects(edit["objects"]), self.size))
+        except (KeyError, TypeError, ValueError) as e:
+            raise Quarantine(f"edit round {r} target does not render ({e.__class__.__name__}: {e})") from None

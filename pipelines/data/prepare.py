@@ -10,7 +10,7 @@ import pyarrow as pa
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.filters import caption_filters, size_filters
 from uniloom.pipelines.data.images import EditTargets, Load, Open, ParseMeta, PerceptualHash, ResizeCrop
-from uniloom.pipelines.data.schema import CARRIED, fixed_binary, prepared_schema
+from uniloom.pipelines.data.schema import CARRIED, fixed_binary, fixed_binary_lists, prepared_schema
 from uniloom.pipelines.data.stages import OK, Batch, Stage
 from uniloom.pipelines.data.text_tokenizer import TextTokenizerRef, TokenizeText
 
@@ -64,7 +64,9 @@ class Prepare:
         )
         columns["phash"] = pa.array(v.get("phash", np.zeros(n, np.uint64)), pa.uint64())
         columns["pixels"] = fixed_binary(v.get("pixels", empty), live)
-        columns["edit_pixels"] = fixed_binary(v.get("edit_pixels", empty), live & v.get("has_edit", ~live))
+        columns["edit_pixels"] = fixed_binary_lists(
+            [x if ok else None for x, ok in zip(v.get("edit_pixels", none), live)], pa.binary(S * S * 3)
+        )
         for name, field in zip(self.schema.names, self.schema):
             if name not in columns:
                 columns[name] = pa.array(

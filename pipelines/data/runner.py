@@ -110,6 +110,7 @@ def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committ
             "storage_options": d.storage_options,
             "exec_cfg": asdict(e),
             "latent_dtype": d.latent_dtype,
+            "precision": d.precision,
         },
         batch_format="pyarrow",
         batch_size=e.encode_batch,

@@ -32,8 +32,8 @@ SOURCE_SCHEMA = pa.schema(SOURCE_FIELDS)
 CARRIED = ["shard", "key", "status", "reason", "shard_rows", "caption", "meta"]
 TEXT_FIELDS = [
     ("text_ids", IDS),
-    ("edit_instruction", pa.string()),
-    ("edit_instruction_ids", IDS),
+    ("edit_instruction", pa.list_(pa.string())),  # one per round of the edit chain
+    ("edit_instruction_ids", pa.list_(IDS)),
     ("vqa", VQA),
     ("vqa_question_ids", pa.list_(IDS)),
     ("vqa_answer_ids", pa.list_(IDS)),
@@ -50,7 +50,7 @@ def prepared_schema(image_size: int) -> pa.Schema:
             ("sha", pa.binary(16)),
             ("phash", pa.uint64()),
             ("pixels", pixels),
-            ("edit_pixels", pixels),
+            ("edit_pixels", pa.list_(pixels)),  # each round's rendered target
         ]
         + TEXT_FIELDS
     )
@@ -63,6 +63,17 @@ def fixed_binary(rows: np.ndarray, valid: np.ndarray) -> pa.Array:
     width = rows[0].nbytes if n else int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.itemsize
     validity = None if valid.all() else pa.array(valid, pa.bool_()).buffers()[1]
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [validity, pa.py_buffer(rows)])
+
+
+def fixed_binary_lists(items: list[np.ndarray | None], item: pa.DataType) -> pa.Array:
+    """Per-row stacks (R_i, ...) of equal-sized arrays -> list<item> column, one fixed-size
+    binary per array along the first axis (an edit chain's rounds); None rows are null."""
+    counts = np.array([0 if x is None else len(x) for x in items], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
+    chunks = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in items if x is not None]
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+    values = pa.FixedSizeBinaryArray.from_buffers(item, int(counts.sum()), [None, pa.py_buffer(data)])
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array([x is None for x in items], pa.bool_()))
 
 
 def output_schema(latent_shape: tuple[int, int], latent_dtype: str) -> pa.Schema:
@@ -91,9 +102,9 @@ def output_schema(latent_shape: tuple[int, int], latent_dtype: str) -> pa.Schema
             ("vqa", VQA),
             ("vqa_question_ids", pa.list_(IDS)),
             ("vqa_answer_ids", pa.list_(IDS)),
-            ("edit_instruction", pa.string()),
-            ("edit_instruction_ids", IDS),
-            ("edit_latents", pa.binary()),
+            ("edit_instruction", pa.list_(pa.string())),
+            ("edit_instruction_ids", pa.list_(IDS)),
+            ("edit_latents", pa.list_(pa.binary())),  # round r's target, laid out like `latents`
         ],
         metadata=meta,
     )

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from uniloom.models.special_tokens import SPECIAL_TOKENS
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.fs import join, open_fs, to_uri, write_atomic
+from uniloom.pipelines.data.images import edit_chain
 from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.readers import InputShard, ShardError, read_shard
 from uniloom.pipelines.data.stages import OK, Batch, Stage
@@ -111,7 +112,8 @@ def load_from_output(out: str, storage_options: dict[str, Any] | None = None):
 
 
 class TokenizeText(Stage):
-    """Caption, edit instruction and VQA pairs -> token ids (one Rust batch call each)."""
+    """Caption, edit instructions (every round of the chain) and VQA pairs -> token ids
+    (one Rust batch call each)."""
 
     name = "tokenize_text"
 
@@ -135,9 +137,10 @@ class TokenizeText(Stage):
         vqa: list = [None] * n
         q_ids: list = [None] * n
         a_ids: list = [None] * n
-        edits = [(i, m["edit"]["instruction"]) for i, m in zip(idx.tolist(), metas) if _instruction(m)]
-        for (i, text), e in zip(edits, ids([t for _, t in edits])):
-            edit[i], edit_ids[i] = text, e
+        chains = [(i, texts) for i, m in zip(idx.tolist(), metas) if (texts := _instructions(m))]
+        encoded = iter(ids([t for _, texts in chains for t in texts]))
+        for i, texts in chains:
+            edit[i], edit_ids[i] = texts, [next(encoded) for _ in texts]
         rows, questions, answers = [], [], []
         for i, m in zip(idx.tolist(), metas):
             pairs = [
@@ -162,9 +165,12 @@ class TokenizeText(Stage):
         )
 
 
-def _instruction(meta: dict) -> bool:
-    edit = meta.get("edit")
-    return isinstance(edit, dict) and isinstance(edit.get("instruction"), str)
+def _instructions(meta: dict) -> list[str] | None:
+    """Every round's instruction of the sample's edit chain; None unless each round has one:
+    a chain is trained whole (EditTargets quarantines the rows of broken chains)."""
+    rounds = edit_chain(meta) or []
+    texts = [e.get("instruction") if isinstance(e, dict) else None for e in rounds]
+    return texts if texts and all(isinstance(t, str) for t in texts) else None
 
 
 def _bpe_params(d: DataConfig) -> dict[str, int]:
@@ -176,14 +182,13 @@ def _bpe_params(d: DataConfig) -> dict[str, int]:
 
 
 def _meta_texts(meta: str | None) -> list[str]:
-    """The edit instruction and VQA pairs of a sample's JSON: text the model reads too."""
+    """The edit instructions and VQA pairs of a sample's JSON: text the model reads too."""
     try:
         obj = json.loads(meta) if meta else {}
     except ValueError:
         return []
     obj = obj if isinstance(obj, dict) else {}
-    edit = obj.get("edit") if isinstance(obj.get("edit"), dict) else {}
-    texts = [edit.get("instruction")]
+    texts = [e.get("instruction") for e in edit_chain(obj) or [] if isinstance(e, dict)]
     for pair in obj.get("vqa") or []:
         if isinstance(pair, dict):
             texts += [pair.get("question"), pair.get("answer")]

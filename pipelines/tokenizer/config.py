@@ -10,10 +10,12 @@ from typing import Literal
 class TokenizerConfig:
     corpus: str = ""  # folder of corpus tars; empty: <workspace>/corpus
     heldout_shards: int = 1  # the last shards are never trained on (evaluation)
-    steps: int = 2000
-    max_minutes: float = 0.0  # > 0: also stop after this much training time; the schedule follows it
-    # How training time is counted: wall clock, or this worker's CPU time / threads (the wall
-    # time an unshared machine needs; fair when other jobs share the cores)
+    steps: int = 2000  # the budget: the schedule runs over these steps on any machine
+    # > 0: a safety cap on training time. A run it ends before `steps` says so (a WARNING on
+    # stderr, `budget_cut` in the summary and the metrics); the schedule still follows steps
+    max_minutes: float = 0.0
+    # How the cap counts training time: wall clock, or this worker's CPU time / threads (the
+    # wall time an unshared machine needs; fair when other jobs share the cores)
     budget_clock: Literal["wall", "cpu"] = "wall"
     batch_size: int = 32  # global, split over the workers
     lr: float = 1e-3
@@ -21,7 +23,9 @@ class TokenizerConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under CPU autocast (weights, optimiser fp32)
+    # bf16: forward under CPU autocast (weights, optimiser fp32); auto: bf16 where this
+    # machine runs it faster than fp32 (pipelines/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     mask_ratio: float = 0.4  # share of patches masked in a masked sample
     masked_fraction: float = 0.5  # share of samples in a batch that are masked; the rest go in whole
     weight_pixel: float = 1.0  # (c) L1 reconstruction

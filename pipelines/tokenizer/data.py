@@ -11,21 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from uniloom.pipelines.data.images import square_pixels
 from uniloom.pipelines.errors import UniloomError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 
 
 def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
-    """Image bytes -> (3, size, size) uint8, resized with a box filter when needed."""
+    """Image bytes -> (3, size, size) uint8: upright (EXIF orientation), then the data
+    stage's centre crop and resize, so MingTok sees every image as the data stage encodes it."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+            return square_pixels(ImageOps.exif_transpose(img), size).transpose(2, 0, 1).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UniloomError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
 

@@ -1,6 +1,7 @@
 """The per-worker training loop of MingTok under Ray Train: masked image modeling with
-the four losses, a cosine schedule over steps (or over the time budget), evaluation and
-MLflow logging on rank 0, and checkpoints that a rerun of the same run resumes from."""
+the four losses, a cosine schedule over the step budget (a wall-clock cap only as a safety
+net), evaluation and MLflow logging on rank 0, and checkpoints that a rerun of the same run
+resumes from."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from uniloom.models.mingtok import MingTok
+from uniloom.pipelines import precision
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.tokenizer.evaluate import grid_image, psnr, reconstruct_all, ssim
 from uniloom.pipelines.tokenizer.step import MIMTraining
@@ -41,6 +43,11 @@ class Tracker:
     def image(self, image, name: str) -> None:
         if self.client is not None:
             self.client.log_image(self.run_id, image, artifact_file=name)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.client is not None:
+            for key, value in values.items():
+                self.client.set_tag(self.run_id, key, value)
 
 
 def evaluate_during_training(model: MingTok, images: np.ndarray) -> tuple[dict[str, float], Any]:
@@ -97,9 +104,29 @@ class Clock:
         }
 
 
+class Budget:
+    """The run's budget is its steps, so a slow machine gets the same model later rather
+    than a worse one; `max_minutes` (by the budget clock) is a safety cap, and a run it
+    ends before its steps says so."""
+
+    def __init__(self, steps: int, max_minutes: float):
+        self.steps, self.cap_s = steps, max_minutes * 60
+
+    def cut(self, step: int, elapsed: float) -> bool:
+        """The cap ends the run before its steps."""
+        return step < self.steps and self.cap_s > 0 and elapsed >= self.cap_s
+
+    def warning(self, step: int) -> str:
+        return (
+            f"WARNING: the {self.cap_s / 60:g}-minute safety cap (tokenizer.max_minutes) ended "
+            f"MingTok training after {step} of {self.steps} planned steps: this model is "
+            "undertrained; raise the cap or lower tokenizer.steps"
+        )
+
+
 def _agree(elapsed: float, done: bool, world: int) -> tuple[float, bool]:
-    """The slowest worker's clock and whether any worker is done: every worker then uses the
-    same learning rate and stops on the same step (each process's clock differs a little)."""
+    """The slowest worker's clock and whether any worker is done: every worker then stops on
+    the same step (each process's clock differs a little)."""
     if world == 1:
         return elapsed, done
     value = torch.tensor([elapsed, 1.0 if done else 0.0], dtype=torch.float64)
@@ -113,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: UniloomConfig = build(UniloomConfig, config["cfg"])
     t = cfg.tokenizer
-    torch.set_num_threads(t.threads)
+    torch.set_num_threads(t.threads)  # before MIMTraining: "auto" precision is timed at this count
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     training = MIMTraining(cfg.mingtok, t, config["text"])
@@ -127,21 +154,21 @@ def train_loop(config: dict[str, Any]) -> None:
     if world > 1:
         training.wrapped = ray.train.torch.prepare_model(training.module)
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"] if rank == 0 else "")
+    tracker.tags(precision.tags("tokenizer", t.precision, "cpu"))
     eval_images = np.asarray(config["eval_images"], dtype=np.uint8)
-    budget = t.max_minutes * 60
+    budget = Budget(t.steps, t.max_minutes)
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, t.batch_size // world, t.seed + start_step + rank)
     clock = Clock(t.budget_clock, t.threads, state)
     step = start_step
     while True:
         elapsed, done = _agree(clock(), step >= t.steps, world)
-        if done or (budget > 0 and elapsed >= budget):
+        if done or budget.cut(step, elapsed):
             break
         images_u8, caption = next(batches)
-        progress = max(step / t.steps, elapsed / budget if budget > 0 else 0.0)
-        values = training.step(images_u8, caption, step, progress)
+        values = training.step(images_u8, caption, step)
         step += 1
-        last = step >= t.steps  # a time budget ends at the check above, then the tail below runs
+        last = step >= t.steps  # the safety cap ends at the check above, then the tail below runs
         if rank == 0 and (step % t.log_interval == 0 or last):
             _log(tracker, values, step, t.steps, clock())
         if rank == 0 and (step % t.eval_interval == 0 or last):
@@ -149,7 +176,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if step % t.checkpoint_interval == 0 or last:
             state = clock.state(step, start_step)
             _report(state, values["loss/total"], rank, training)
-    if state["step"] != step:  # stopped by the time budget between checkpoints
+    if budget.cut(step, elapsed) and rank == 0:  # the driver's summary and metrics say it too
+        print(f"[tokenizer] {budget.warning(step)}", file=sys.stderr, flush=True)
+    if state["step"] != step:  # stopped by the safety cap between checkpoints
         if rank == 0:
             _evaluate(tracker, training.model, eval_images, step)
         state = clock.state(step, start_step)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from uniloom.models.mingtok import MingTok, MingTokConfig
 from uniloom.models.mingtok_loss import LossWeights, MIMObjective
+from uniloom.pipelines import precision
 from uniloom.pipelines.tokenizer.config import TokenizerConfig
 from uniloom.pipelines.tokenizer.teachers import Teachers
 
@@ -50,9 +51,12 @@ def random_mask(batch: int, tokens: int, t: TokenizerConfig, generator: torch.Ge
     return mask
 
 
-def learning_rate(t: TokenizerConfig, step: int, progress: float) -> float:
+def learning_rate(t: TokenizerConfig, step: int) -> float:
+    """Warmup, then cosine decay over the step budget: a run the wall-clock safety cap ends
+    early stops on the schedule's way down, it does not get a compressed schedule."""
     warm = min(1.0, (step + 1) / max(t.warmup_steps, 1))
-    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    progress = min(step / max(t.steps, 1), 1.0)
+    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return t.lr * warm * cosine
 
 
@@ -62,6 +66,7 @@ class MIMTraining:
     def __init__(self, mcfg: MingTokConfig, t: TokenizerConfig, text_table: np.ndarray):
         torch.manual_seed(t.seed)  # identical initial weights on every worker
         self.t = t
+        self.precision = precision.resolve(t.precision, "cpu")  # "auto": measured on this machine
         self.model = MingTok(mcfg)
         self.teachers = Teachers(t.teacher, t.semantic_teacher, self.model, t.ema_decay)
         self.text = torch.from_numpy(np.array(text_table, dtype=np.float32))  # (captions, E)
@@ -77,15 +82,15 @@ class MIMTraining:
         self.weights = loss_weights(t)
         self.generator = torch.Generator().manual_seed(t.seed)
 
-    def step(self, images_u8: torch.Tensor, caption: torch.Tensor, step: int, progress: float) -> dict:
+    def step(self, images_u8: torch.Tensor, caption: torch.Tensor, step: int) -> dict:
         """One update on uint8 images (B, 3, H, W) with caption indices (B,); returns the
         detached losses, the learning rate and the gradient norm."""
         for group in self.opt.param_groups:
-            group["lr"] = learning_rate(self.t, step, progress)
+            group["lr"] = learning_rate(self.t, step)
         images = images_u8.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         mask = random_mask(len(images), self.model.cfg.num_tokens, self.t, self.generator)
         masked = mask.any(dim=1)  # only masked rows have masked positions to predict
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.t.precision == "bf16"):
+        with precision.autocast(self.precision, "cpu"):
             targets = self.teachers.targets(images[masked]) if masked.any() else (None, None)
             losses = self.wrapped(images, mask, *targets, self.text, caption, self.weights)
         self.opt.zero_grad(set_to_none=True)

@@ -123,6 +123,7 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
     from uniloom.pipelines import tracking
     from uniloom.pipelines.raycluster import init_ray
     from uniloom.pipelines.tokenizer.evaluate import grid_image, probe_accuracy, reconstruction_metrics
+    from uniloom.pipelines.tokenizer.loop import Budget
     from uniloom.pipelines.tokenizer.registry import log_and_register
     from uniloom.pipelines.tokenizer.text import caption_embeddings
     from uniloom.pipelines.tokenizer.weights import calibrate_latents, default_path, save_mingtok
@@ -147,10 +148,16 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
             "mlflow_uri": mlflow.get_tracking_uri(),
             "mlflow_run_id": run.info.run_id,
         }
-        echo(f"training: {t.num_workers} Ray Train worker(s), up to {t.steps} steps" + (
-            f" or {t.max_minutes:g} minutes" if t.max_minutes > 0 else ""))  # fmt: skip
+        echo(f"training: {t.num_workers} Ray Train worker(s), {t.steps} steps" + (
+            f" (safety cap: {t.max_minutes:g} minutes)" if t.max_minutes > 0 else ""))  # fmt: skip
         result, run_dir = _run_trainer(cfg, dataset, loop_config, restart)
         train_seconds = time.perf_counter() - started
+        final = result.metrics or {}
+        steps_done = int(final.get("step", 0))
+        budget_cut = steps_done < t.steps  # only the safety cap ends a run before its steps
+        mlflow.log_metrics({"budget_cut": float(budget_cut), "steps_planned": t.steps})
+        if budget_cut:
+            echo(Budget(t.steps, t.max_minutes).warning(steps_done))
         model = _final_model(cfg, result.checkpoint)
         if t.calibrate_latents:
             sample = read_tars(train_paths[:1], m.image_size, limit=256).images
@@ -169,7 +176,6 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
         mlflow.log_image(grid, "reconstructions/final.png")
         mlflow.log_artifact(str(weights), artifact_path="weights")
         info = log_and_register(weights, m.image_size, m.num_tokens, m.latent_dim, t.register)
-        final = result.metrics or {}
         return {
             "weights": str(weights),
             "run_dir": str(run_dir),
@@ -178,6 +184,8 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
             "registered_model": "uniloom-mingtok" if t.register else None,
             "registered_version": getattr(info, "registered_model_version", None),
             "steps": final.get("step"),
+            "steps_planned": t.steps,
+            "budget_cut": budget_cut,
             "resumed_from_step": final.get("start_step", 0),
             "budget_clock": t.budget_clock,
             "train_loop_seconds": round(float(final.get("elapsed", 0.0)), 1),  # by the budget clock

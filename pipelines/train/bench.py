@@ -39,7 +39,8 @@ def bench_stage(cfg: UniloomConfig, steps: int) -> StageConfig:
     """Every part trains (the experts too: expert parallelism is on the path), at the
     second stage's mix and rate, constant after one warm-up step."""
     joint = list(cfg.train.stages.values())[min(1, len(cfg.train.stages) - 1)]
-    return StageConfig(list(PARTS), dict(joint.mix), joint.lr, steps, warmup_steps=1, min_lr_ratio=1.0)
+    return StageConfig(list(PARTS), dict(joint.mix), joint.lr, steps, warmup_steps=1, min_lr_ratio=1.0,
+                       anchor_weight=joint.anchor_weight)  # fmt: skip
 
 
 def make_shards(cfg: UniloomConfig, work: Path, images: int, echo: Callable[[str], None]) -> None:
@@ -85,7 +86,7 @@ class PlainLoop:
         import torch
 
         from uniloom.pipelines.train import deepspeed_config
-        from uniloom.pipelines.train.loop import load_tokenizer
+        from uniloom.pipelines.train.loop import anchor_tokenizer, load_tokenizer
         from uniloom.pipelines.train.module import Trainee
 
         self.t = cfg.train
@@ -94,6 +95,7 @@ class PlainLoop:
         self.model = Trainee(cfg.model, cfg.mingtok)
         load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
+        anchor_tokenizer(self.model, stage, cfg.data.tokenizer_weights, cfg.data.storage_options)
         groups = deepspeed_config.param_groups(self.model, self.t.weight_decay)
         self.opt = deepspeed_config.adamw(groups, self.t, stage)
         self.sched = deepspeed_config.scheduler(self.opt, stage)

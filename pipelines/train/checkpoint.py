@@ -3,7 +3,7 @@
 Each rank writes only what it holds, straight from DeepSpeed's fragments (no gather):
 
     rank-NNNNN.safetensors   flat fp32 pieces "<kind>:<param>:<start>", kind in
-                             fp32 | exp_avg | exp_avg_sq, start = offset in the FULL
+                             fp32 | exp_avg | exp_avg_sq | ema, start = offset in the FULL
                              parameter, flattened (an expert slice starts at its first row)
     rank-NNNNN.json          the rank's piece index and its data position
     meta.json (rank 0)       full shapes, stage, step, optimizer step, schedule, loss
@@ -12,7 +12,8 @@ Each rank writes only what it holds, straight from DeepSpeed's fragments (no gat
 ZeRO 1/2 (and DeepSpeed's bf16 optimizer) give each trainable parameter an `_hp_mapping`:
 the slice of it whose fp32 master and Adam moments this rank owns. Frozen parameters,
 buffers and ZeRO-0 parameters are written whole by the rank that owns the copy (rank 0;
-for experts the ranks of the first expert-parallel group). A reader assembles a full
+for experts the ranks of the first expert-parallel group), and so is the weight EMA
+(ema.py), which every rank keeps whole for the parameters it holds. A reader assembles a full
 parameter from all pieces and takes what its own layout needs, so a checkpoint written by
 2 workers resumes on 1 (or with another expert-parallel size): DeepSpeed's universal
 checkpoint idea, without pickles: loading never unpickles anything (safetensors + JSON).
@@ -63,8 +64,10 @@ def _tensors(module: torch.nn.Module):
 
 
 def save(engine, module: torch.nn.Module, directory: str | Path, rank: int, ep: int,
-         position: dict[str, int], meta: dict[str, Any] | None) -> None:  # fmt: skip
-    """Write this rank's files into `directory` (rank 0 adds meta.json)."""
+         position: dict[str, int], meta: dict[str, Any] | None,
+         ema: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Write this rank's files into `directory` (rank 0 adds meta.json); `ema` maps
+    parameter names to their weight EMA (ema.py), in this rank's layout."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -84,6 +87,8 @@ def save(engine, module: torch.nn.Module, directory: str | Path, rank: int, ep: 
 
     fragments = _zero_fragments(engine)
     for name, p in _tensors(module):
+        if ema is not None and name in ema and _owns_whole(p, rank, ep):
+            add(name, global_base(p), {"ema": ema[name]})
         mapping = getattr(p, "_hp_mapping", False)
         if mapping is None:
             continue  # a ZeRO partition owned by another rank
@@ -261,12 +266,16 @@ def load_optimizer(engine, module: torch.nn.Module, reader: Reader) -> None:
 
 def export(reader: Reader, out: str | Path, metadata: dict[str, Any]) -> Path:
     """One consolidated safetensors file (every tensor whole, fp32) for inference and the
-    registry; `metadata` (configs, fingerprints) is stored as JSON strings."""
+    registry: the weight EMA wherever the checkpoint has one, else the weights;
+    `metadata` (configs, fingerprints) is stored as JSON strings."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: reader.full(name).view(shape) for name, shape in reader.shapes.items()}
+    tensors = {
+        name: reader.full(name, "ema" if reader.has(name, "ema") else "fp32").view(shape)
+        for name, shape in reader.shapes.items()
+    }
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
     os.replace(tmp, out)

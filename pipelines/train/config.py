@@ -24,6 +24,10 @@ class StageConfig:
     steps: int = 100  # optimizer steps
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    # Where the semantic decoder trains: weight of the MSE between its features and the
+    # tokenizer stage's on the same latents, which keeps the frozen pixel decoder able to
+    # render them (pipelines/train/module.py); 0: unanchored
+    anchor_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.trainable) - set(PARTS)):
@@ -36,13 +40,17 @@ class StageConfig:
             raise ValueError("mix: weights must be >= 0 with a positive sum")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        if self.anchor_weight < 0:
+            raise ValueError("anchor_weight must be >= 0")
 
 
 def _paper_recipe() -> dict[str, StageConfig]:
-    """Ming-UniVision's four stages (../shared/design/MODEL_SPEC.md)."""
+    """Ming-UniVision's four stages (../shared/design/MODEL_SPEC.md), but the align stage
+    trains the LLM too: the paper's starts from a pretrained Ling-lite, ours from random
+    weights (`check_llm_trains_first`)."""
     heads = ["projector", "flow_head"]
     return {
-        "align": StageConfig(heads, {"understanding": 0.3, "text_to_image": 0.7}),
+        "align": StageConfig([*heads, "llm"], {"understanding": 0.3, "text_to_image": 0.7}),
         "joint": StageConfig(
             [*heads, "llm", "semantic_decoder"], {"understanding": 0.25, "text_to_image": 0.7, "text": 0.05}
         ),
@@ -51,6 +59,18 @@ def _paper_recipe() -> dict[str, StageConfig]:
             [*heads, "llm"], {"understanding": 0.15, "text_to_image": 0.25, "text": 0.05, "editing": 0.55}
         ),
     }
+
+
+def check_llm_trains_first(stages: dict[str, StageConfig]) -> None:
+    """No pretrained LLM is ever loaded (the LLM starts from random weights), so a stage
+    that freezes it before any stage has trained it would fit the heads to noise: the
+    first stage must train it."""
+    name, first = next(iter(stages.items()))
+    if "llm" not in first.trainable:
+        raise ValueError(
+            f"stages.{name}.trainable freezes the LLM, but no stage before it trains the LLM and "
+            f"it starts from random weights (no pretrained LLM is loaded): add llm to stages.{name}.trainable"
+        )
 
 
 @dataclass
@@ -83,7 +103,9 @@ class TrainConfig:
     # (pipelines/train/shm_comm.py). Workers on several machines use gloo/NCCL regardless
     shm_collectives: bool = True
     zero_stage: Literal[0, 1, 2] = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: autocast over fp32 weights; auto: bf16 on GPUs and on CPUs that run it faster
+    # than fp32, decided on each worker's machine (pipelines/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Batches: packed rows of seq_len tokens
     seq_len: int = 256
     micro_batch: int = 2  # packed rows per worker per micro step
@@ -106,6 +128,9 @@ class TrainConfig:
         default_factory=lambda: ["a red circle", "a blue square left of a green triangle"]
     )
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
+    # Weight EMA of what each stage trains, for evaluation samples and the export (train/ema.py),
+    # updated after every optimizer step; 0: off
+    ema_decay: float = 0.0
     stages: dict[str, StageConfig] = field(default_factory=_paper_recipe)
 
     def __post_init__(self) -> None:
@@ -113,5 +138,8 @@ class TrainConfig:
             raise ValueError("workers, expert_parallel, micro_batch and grad_accum must be >= 1")
         if not self.stages:
             raise ValueError("stages: the recipe needs at least one stage")
+        check_llm_trains_first(self.stages)
         if len(self.betas) != 2:
             raise ValueError("betas: two numbers")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")

@@ -7,10 +7,11 @@
              -> next-fit packing into `micro_batch` rows of `seq_len` tokens
 
 Determinism: the split is order-preserving, the shuffle buffer is seeded by (seed, epoch,
-rank) and a row's task, VQA pair and guidance drop by (seed, epoch, key), so a seed fixes
-every batch of every worker. A worker's data position is (epoch, rows consumed into
-finished batches); resuming replays the epoch and skips that many rows, which is exact at
-the same number of workers (and keeps the epoch's progress with another number).
+rank) and a row's task, VQA turn order, edit rounds and guidance drop by (seed, epoch,
+key), so a seed fixes every batch of every worker. A worker's data position is (epoch, rows
+consumed into finished batches); resuming replays the epoch and skips that many rows,
+which is exact at the same number of workers (and keeps the epoch's progress with another
+number).
 
 Epochs: a streaming split starts a new epoch only when every worker asks for it, while
 workers meet at every gradient all-reduce. A worker that runs out therefore only says so;
@@ -110,7 +111,13 @@ def _latents(blob: bytes, shape, dtype: str):
 
 class TaskSampler:
     """One training sample per row, its task drawn with the stage's mix among the tasks
-    the row supports (editing needs an edit target), seeded by (seed, epoch, key)."""
+    the row supports (editing needs an edit chain), seeded by (seed, epoch, key).
+
+    VQA is one conversation over all of the row's question-answer pairs, in a drawn order
+    (evaluation asks each question first, right after the image). Editing trains the first
+    1..R rounds of the row's chain, the count uniform, each round generated with the
+    previous round's output in context. A sample longer than `seq_len` is skipped and
+    counted in `too_long`: the preset's seq_len is sized so that this stays rare."""
 
     def __init__(self, stage: StageConfig, t: TrainConfig, image_tokenizer: str):
         self.mix = {k: stage.mix.get(k, 0.0) for k in TASK_KINDS}
@@ -129,7 +136,7 @@ class TaskSampler:
                 f"row {row['key']}: MingTok {row['image_tokenizer']}, expected {self.image_tokenizer}"
             )
         rng = self.rng(row["key"], epoch)
-        can_edit = row["edit_latents"] is not None and row["edit_instruction_ids"] is not None
+        can_edit = bool(row["edit_latents"]) and bool(row["edit_instruction_ids"])
         weights = np.array([self.mix[k] if (k != "editing" or can_edit) else 0.0 for k in TASK_KINDS])
         if weights.sum() <= 0:
             return None
@@ -143,8 +150,9 @@ class TaskSampler:
         if task == "understanding":
             questions = row["vqa_question_ids"] or []
             if questions and rng.random() < self.vqa_share:
-                i = int(rng.integers(len(questions)))
-                sample = sequence.understanding(image, questions[i], row["vqa_answer_ids"][i])
+                answers = row["vqa_answer_ids"]
+                turns = [(questions[i], answers[i]) for i in rng.permutation(len(questions))]
+                sample = sequence.conversation(image, turns)
             else:
                 sample = sequence.understanding(image, [], caption)
         elif task == "text_to_image":
@@ -152,8 +160,10 @@ class TaskSampler:
         elif task == "text":
             sample = sequence.text_only(caption)
         else:
-            target = _latents(row["edit_latents"], shape, dtype)
-            sample = sequence.editing(image, [(row["edit_instruction_ids"], target)], drop=drop)
+            n = int(rng.integers(1, len(row["edit_latents"]) + 1))
+            chain = zip(row["edit_instruction_ids"][:n], row["edit_latents"][:n])
+            rounds = [(ids, _latents(z, shape, dtype)) for ids, z in chain]
+            sample = sequence.editing(image, rounds, drop=drop)
         if len(sample) > self.seq_len:
             self.too_long += 1
             return None

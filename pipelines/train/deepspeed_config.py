@@ -18,7 +18,8 @@ import torch
 from uniloom.pipelines.train.config import StageConfig, TrainConfig
 
 
-def engine_config(t: TrainConfig, world: int) -> dict[str, Any]:
+def engine_config(t: TrainConfig, world: int, precision: str) -> dict[str, Any]:
+    """`precision`: "fp32" or "bf16", t.precision resolved on this worker's device."""
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage:
         # DeepSpeed's MoE support in ZeRO 1/2 requires both (stage_1_and_2._configure_moe_settings).
@@ -32,7 +33,7 @@ def engine_config(t: TrainConfig, world: int) -> dict[str, Any]:
         # bf16 as autocast over fp32 weights: every op picks its own precision, so the
         # model's float32 islands (router softmax, RMSNorm, flow-time embedding) stay
         # as written, and the optimizer keeps fp32 master weights without a second copy.
-        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,  # a torch AdamW with ZeRO
         "steps_per_print": 1 << 30,  # progress is ours (rank-0 MLflow), not DeepSpeed's log lines
         "wall_clock_breakdown": False,

@@ -7,9 +7,11 @@ Per stage, in this order (the fixed order of parallelize.py-style wrapping):
   -> deepspeed.initialize -> (resuming mid-stage) optimizer, schedule, data position.
 
 Per optimizer step: grad_accum micro steps of (batch, all-reduced end-of-epoch flag,
-engine forward, engine.backward, engine.step; `backward_and_step`). Every
-`checkpoint_every` steps and at the end of a stage every rank writes its part of the
-checkpoint and reports it to Ray Train.
+engine forward, engine.backward, engine.step; `backward_and_step`), then the weight EMA
+(ema.py) of what this rank holds. Every `checkpoint_every` steps and at the end of a stage
+every rank writes its part of the checkpoint (the EMA with it) and reports it to Ray
+Train. A stage that trains MingTok's semantic decoder anchors it to the tokenizer
+stage's (module.py).
 
 Workers on one machine exchange through shared memory (shm_comm, train.shm_collectives):
 the experts' all-to-alls, the end-of-epoch flag and, at ZeRO 0, the gradient all-reduce,
@@ -18,6 +20,7 @@ which `SharedMemoryReduction` then does in place of the engine's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -29,9 +32,11 @@ import torch
 import torch.distributed as dist
 
 from uniloom.models.moe import MoE
+from uniloom.pipelines import precision
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.train import checkpoint as ckpt
-from uniloom.pipelines.train import deepspeed_config, expert_parallel, flow_balance, shm_comm
+from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flow_balance, shm_comm
+from uniloom.pipelines.train.config import StageConfig
 from uniloom.pipelines.train.data import Position, Stream, TaskSampler
 from uniloom.pipelines.train.metrics import RATES, RunLogger, Window
 from uniloom.pipelines.train.module import Trainee
@@ -47,12 +52,24 @@ def _say(rank: int, text: str) -> None:
         sys.stderr.flush()
 
 
-def load_tokenizer(trainee: Trainee, uri: str, storage_options: dict) -> None:
+def tokenizer_state(uri: str, storage_options: dict) -> dict[str, torch.Tensor]:
+    """The tokenizer stage's MingTok weights."""
     from safetensors.torch import load as load_safetensors
 
     from uniloom.pipelines.data.image_tokenizer import read_weights
 
-    trainee.tokenizer.load_state_dict(load_safetensors(read_weights(uri, storage_options)))
+    return load_safetensors(read_weights(uri, storage_options))
+
+
+def load_tokenizer(trainee: Trainee, uri: str, storage_options: dict) -> None:
+    trainee.tokenizer.load_state_dict(tokenizer_state(uri, storage_options))
+
+
+def anchor_tokenizer(trainee: Trainee, stage: StageConfig, uri: str, storage_options: dict) -> None:
+    """Where the stage trains the semantic decoder, anchor it to the tokenizer stage's,
+    read from `uri` (resuming mid-stage, the trainee holds the trained one)."""
+    if "semantic_decoder" in stage.trainable and stage.anchor_weight:
+        trainee.anchor(tokenizer_state(uri, storage_options), stage.anchor_weight)
 
 
 def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckpt.Reader | None, job: dict):
@@ -72,16 +89,21 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     if reader is not None:
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)
+    anchor_tokenizer(trainee, stage, job["tokenizer_weights"], cfg.data.storage_options)
     expert_parallel.mark_for_deepspeed(trainee, ep)
     opt = deepspeed_config.optimizer(trainee, t, stage)
     engine, *_ = deepspeed.initialize(
         model=trainee,
         optimizer=opt,
         lr_scheduler=deepspeed_config.scheduler(opt, stage),
-        config=deepspeed_config.engine_config(t, world),
+        config=deepspeed_config.engine_config(t, world, precision.resolve(t.precision, worker_device(t))),
     )
     engine.uniloom_reduction = SharedMemoryReduction.attach(engine, data_parallel_channel(t, world))
     return engine, trainee
+
+
+def worker_device(t) -> str:
+    return "cuda" if t.use_gpu else "cpu"
 
 
 def data_parallel_channel(t, world: int):
@@ -159,6 +181,7 @@ class StageRun:
         self.ep = ctx["ep"]
         reader = resume.reader
         self.engine, self.trainee = build_engine(cfg, name, self.world, self.ep, reader, job)
+        self.ema = ema.start(self.trainee, self.t.ema_decay, reader)
         self.channel = data_parallel_channel(self.t, self.world)  # the engine's: shm_comm keeps it
         experts = next((m.experts for m in self.trainee.modules() if isinstance(m, MoE)), None)
         shm = [what for what, on in (("expert all-to-alls", getattr(experts, "channel", None) is not None),
@@ -220,6 +243,8 @@ class StageRun:
         while self.step < self.stage.steps:
             for micro in range(t.grad_accum):
                 self.micro_step(micro, window, last)
+            if self.ema is not None:
+                self.ema.update()
             self.step += 1
             done = self.step == self.stage.steps
             logged = self.step % t.log_every == 0 or done
@@ -246,8 +271,9 @@ class StageRun:
                         f"tokens/s/worker {values['tokens_per_s_per_worker']:.0f} lr {values['lr']:.2e}")  # fmt: skip
 
     def evaluate(self, logger: RunLogger) -> None:
-        """Sample images from the eval prompts (every rank: experts are sharded, so the
-        forward passes run in lock step), logged by rank 0 with the expert loads."""
+        """Sample images from the eval prompts with the EMA weights where there are (every
+        rank: experts are sharded, so the forward passes run in lock step), logged by rank
+        0 with the expert loads."""
         from uniloom.models.generation import generate
         from uniloom.pipelines.tokenizer.data import to_uint8
 
@@ -256,7 +282,8 @@ class StageRun:
             module = self.engine.module
             module.eval()
             g = torch.Generator().manual_seed(self.t.seed)
-            out = generate(module.model, module.tokenizer, self.job["eval_prompt_ids"], generator=g)
+            with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+                out = generate(module.model, module.tokenizer, self.job["eval_prompt_ids"], generator=g)
             module.train()
             logger.images(to_uint8(out.images), tag)
         if getattr(self, "last_load", None) is not None:
@@ -277,10 +304,12 @@ class StageRun:
                 "recipe": list(self.t.stages),
                 "losses": self.losses,
                 "resumes": self.resumes,
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
                 **{k: self.job[k] for k in ("image_tokenizer", "text_tokenizer", "mlflow_run_id")},
             }
         with tempfile.TemporaryDirectory(prefix="uniloom-ckpt-") as tmp:
-            ckpt.save(self.engine, self.trainee, tmp, self.rank, self.ep, asdict(self.stream.position), meta)
+            ckpt.save(self.engine, self.trainee, tmp, self.rank, self.ep, asdict(self.stream.position), meta,
+                      self.ema.shadow if self.ema is not None else None)  # fmt: skip
             last = self.losses[-1][2] if self.losses else float("nan")
             ray.train.report(
                 {"global_step": self.global_step, "stage": self.name, "loss": last, **self.last_rates},
@@ -337,6 +366,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     cfg, ctx = worker_setup(job)
     t, rank, world = cfg.train, ctx["rank"], ctx["world"]
     logger = RunLogger(job["mlflow_uri"], job["mlflow_run_id"], active=rank == 0)
+    if logger.active:  # the precision chosen on this worker's machine ("auto" is measured there)
+        import mlflow
+
+        mlflow.set_tags(precision.tags("train", t.precision, worker_device(t)))
     checkpoint = ray.train.get_checkpoint()
     stream = None
     try:

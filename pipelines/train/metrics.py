@@ -1,7 +1,7 @@
 """What a training run measures, and its MLflow side (rank 0 only).
 
 Every rank accumulates a window of steps (`Window`); at a log step the windows are summed
-over ranks with one all-reduce, and rank 0 logs: loss (total, text, flow, aux), loss per
+over ranks with one all-reduce, and rank 0 logs: loss (total, text, flow, aux, anchor), loss per
 task kind, tokens/s (per worker and total), learning rate, the expert-load spread of every
 layer, and MLflow's system metrics. At evaluations it adds the expert-load histogram per
 layer (JSON + heat map) and sample images.
@@ -41,6 +41,7 @@ class Window:
     text: float = 0.0
     flow: float = 0.0
     aux: float = 0.0
+    anchor: float = 0.0
     tokens: int = 0
     task_sum: dict[str, float] = field(default_factory=dict)
     task_n: dict[str, int] = field(default_factory=dict)
@@ -54,6 +55,7 @@ class Window:
         self.text += losses.text.item()
         self.flow += losses.flow.item()
         self.aux += losses.aux.item()
+        self.anchor += losses.anchor.item()
         self.tokens += tokens
         for k, v in losses.per_task.items():
             self.task_sum[k] = self.task_sum.get(k, 0.0) + v
@@ -66,7 +68,7 @@ class Window:
         keys = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow")]
         elapsed = time.perf_counter() - self.started
         cpu = time.process_time() - self.started_cpu
-        head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu]
+        head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu, self.anchor]  # fmt: skip
         vec = torch.tensor(
             head + [self.task_sum.get(k, 0.0) for k in keys] + [float(self.task_n.get(k, 0)) for k in keys],
             dtype=torch.float64,
@@ -82,13 +84,14 @@ class Window:
             "loss_text": vec[2].item() / n,
             "loss_flow": vec[3].item() / n,
             "loss_aux": vec[4].item() / n,
+            "loss_anchor": vec[8].item() / n,  # the semantic decoder's drift (train/module.py)
             "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_worker": tokens / elapsed / world,
             # Throughput per CPU-second a worker got: what the machinery costs in work, apart
             # from how much of a shared machine the scheduler gave it.
             "tokens_per_cpu_s_per_worker": tokens / max(cpu, 1e-9),
         }
-        sums, counts = vec[8 : 8 + len(keys)], vec[8 + len(keys) :]
+        sums, counts = vec[len(head) : len(head) + len(keys)], vec[len(head) + len(keys) :]
         for k, s, c in zip(keys, sums.tolist(), counts.tolist()):
             if c:
                 out[f"loss_{k.replace('/', '_')}"] = s / c

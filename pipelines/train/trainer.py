@@ -3,7 +3,7 @@
     shards (manifest) -> fingerprint checks -> ray.data.read_parquet -> TorchTrainer
     (ScalingConfig workers, RunConfig name + storage_path, FailureConfig(max_failures),
     one streaming split per worker; pipelines/train/loop.py) -> final checkpoint ->
-    consolidated safetensors -> MLflow (one run for the whole training run, across
+    consolidated safetensors (the weight EMA where the run keeps one) -> MLflow (one run for the whole training run, across
     restarts; registered model `uniloom-univision`)
 
 Rerunning with the same run name and storage resumes from the run's latest checkpoint
@@ -227,6 +227,9 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
             "text_tokenizer": job["text_tokenizer"],
             "stage": meta["stage"],
             "global_step": meta["global_step"],
+            # what the export holds: the EMA of what the last stage trained (train/ema.py)
+            "ema_decay": cfg.train.ema_decay,
+            "ema_updates": meta.get("ema_updates", 0),
         }
         out = export(reader, export_path(cfg), metadata)
     model_info = log_and_register(cfg, out, job, meta)

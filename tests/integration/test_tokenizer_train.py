@@ -50,6 +50,9 @@ def test_train_checkpoints_resumes_and_registers(ray_local, tmp_path):
     client = MlflowClient()
     run = client.get_run(second["mlflow_run_id"])
     assert run.data.tags["uniloom.stage"] == "tokenizer"
+    assert run.data.tags["precision.tokenizer.requested"] == "auto"  # the tiny preset's
+    assert run.data.tags["precision.tokenizer"] in ("fp32", "bf16")
+    assert (second["steps_planned"], second["budget_cut"], run.data.metrics["budget_cut"]) == (3, False, 0.0)
     history = client.get_metric_history(run.info.run_id, "eval/psnr")
     assert [m.step for m in history] == [3]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import yaml
 
 from uniloom.models.mingtok_config import MingTokConfig
@@ -45,6 +46,10 @@ def make_shards(base: Path, ray_local) -> dict:
     cfg.data.exec.encode_batch = 32
     summary = run(cfg, [str(base / "corpus")], out["shards"])
     assert summary["output_rows"] > 80, summary
+    # Every scene carries its whole 3-round edit chain: an instruction and a target per round.
+    for shard in sorted((base / "out" / "shards").glob("*.parquet")):
+        for row in pq.read_table(shard, columns=["edit_instruction_ids", "edit_latents"]).to_pylist():
+            assert len(row["edit_instruction_ids"]) == len(row["edit_latents"]) == 3, row
     (base / "done").write_text("ok")
     return out
 
@@ -59,7 +64,7 @@ def config_file(path: Path, data: dict, workspace: Path, **train) -> Path:
         "data": {"tokenizer_weights": data["weights"]},
         "train": {
             "shards": data["shards"],
-            "seq_len": 128,
+            "seq_len": 128,  # holds a 3-round edit chain of 16-latent images (about 100 tokens)
             "micro_batch": 2,
             "log_every": 2,
             "checkpoint_every": 4,

@@ -88,6 +88,28 @@ def test_aux_loss_matches_hand_computation():
     assert stats.tokens_per_expert.tolist() == [1, 1]
 
 
+def test_padding_takes_no_expert_slot():
+    """The same tokens with and without padding: same outputs, aux loss and loads."""
+    torch.manual_seed(0)
+    moe = MoE(CFG)
+    x, image_mask = torch.randn(2, 5, CFG.hidden), torch.rand(2, 5) < 0.4
+    ref, ref_stats = moe(x, image_mask)
+    padded = torch.cat([x, 10 * torch.randn(2, 3, CFG.hidden)], 1)  # loud padding: it would tip the loads
+    padded_image = torch.cat([image_mask, torch.ones(2, 3, dtype=torch.bool)], 1)
+    valid = torch.arange(8).expand(2, 8) < 5
+    out, stats = moe(padded, padded_image, valid)
+    torch.testing.assert_close(out[:, :5], ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats.aux_loss, ref_stats.aux_loss)
+    assert torch.equal(stats.tokens_per_expert, ref_stats.tokens_per_expert)
+    assert stats.tokens_per_expert.sum() == 2 * 5 * CFG.experts_per_token
+    torch.testing.assert_close(out[:, 5:], moe.shared(padded[:, 5:]))  # shared experts only
+    unmasked = moe(padded, padded_image)[1]
+    assert unmasked.tokens_per_expert.sum() == 2 * 8 * CFG.experts_per_token
+    # All padding (a rank's empty step): no slots, a zero loss rather than NaN.
+    _, empty = moe(padded, padded_image, torch.zeros(2, 8, dtype=torch.bool))
+    assert empty.tokens_per_expert.sum() == 0 and empty.aux_loss.item() == 0.0
+
+
 class TwoRankExperts(nn.Module):
     """What an expert-parallel wrapper does at the seam, with two simulated ranks: each
     holds half the experts; tokens are dispatched by the per-expert counts and the outputs

@@ -107,6 +107,14 @@ def test_packed_row_equals_separate_forwards():
     torch.manual_seed(3)
     ls = model.loss(separate, feats)
     torch.testing.assert_close(lp.total, ls.total, atol=1e-5, rtol=1e-5)
+    # Padding routes nowhere: the same samples with 64 more padding tokens load the
+    # experts and the balance loss exactly as before.
+    padded = sq.pack(samples, 128)
+    torch.manual_seed(3)
+    lpad = model.loss(padded, feats)
+    for other in (ls, lpad):
+        torch.testing.assert_close(other.aux, lp.aux, atol=1e-6, rtol=1e-6)
+        assert torch.equal(other.expert_load, lp.expert_load)
     assert set(lp.per_task) == {"understanding/text", "text_to_image/text", "text/text", "editing/text",
                                 "text_to_image/flow", "editing/flow"}  # fmt: skip
 
@@ -168,7 +176,10 @@ def test_tiny_preset_forward_backward():
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     assert losses.expert_load.shape == (cfg.model.num_layers, cfg.model.num_experts)
-    assert (losses.expert_load.sum(-1) == batch.input_ids.numel() * cfg.model.experts_per_token).all()
+    # padding (doc id -1) takes no expert slot
+    tokens = int((batch.doc_ids >= 0).sum())
+    assert tokens < batch.input_ids.numel()
+    assert (losses.expert_load.sum(-1) == tokens * cfg.model.experts_per_token).all()
 
 
 def test_paper_preset_parameter_counts(report):

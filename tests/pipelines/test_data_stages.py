@@ -127,17 +127,40 @@ def test_perceptual_hash_is_close_for_a_re_encoded_picture_and_far_for_another()
     assert d[0, 1] <= 4 and d[0, 2] >= 16
 
 
-def test_edit_rows_get_their_rendered_target_and_text_ids(tok_ref):
+def test_edit_rows_get_every_rounds_rendered_target_and_text_ids(tok_ref):
     scene = sample_scene(0, 3)
     meta = json.dumps({**scene, "vqa": scene["vqa"][:2]})
     out = prepare([{"image": encode(render(scene_objects(scene["objects"]), 48)), "meta": meta}], tok_ref)[0]
-    target = np.asarray(render(scene_objects(scene["edit"]["objects"]), S))
-    assert np.array_equal(np.frombuffer(out["edit_pixels"], np.uint8).reshape(S, S, 3), target)
+    assert out["status"] == OK and len(out["edit_pixels"]) == len(scene["edits"]) == 3
+    for edit, pixels in zip(scene["edits"], out["edit_pixels"]):
+        target = np.asarray(render(scene_objects(edit["objects"]), S))
+        assert np.array_equal(np.frombuffer(pixels, np.uint8).reshape(S, S, 3), target)
+    # Each round's target differs from the one before: the chain is not one edit repeated.
+    assert len({bytes(p) for p in out["edit_pixels"]}) == 3
     tok = text_tokenizer.load(tok_ref)
     assert tok.decode(out["text_ids"]) == "a red circle"
-    assert tok.decode(out["edit_instruction_ids"]) == scene["edit"]["instruction"]
+    assert out["edit_instruction"] == [e["instruction"] for e in scene["edits"]]
+    assert [tok.decode(e) for e in out["edit_instruction_ids"]] == out["edit_instruction"]
     assert [tok.decode(q) for q in out["vqa_question_ids"]] == [p["question"] for p in scene["vqa"][:2]]
     assert out["vqa"] == scene["vqa"][:2]
+
+
+def test_a_chain_with_a_round_that_does_not_render_is_quarantined_with_the_round(tok_ref):
+    scene = sample_scene(0, 3)
+    image = encode(render(scene_objects(scene["objects"]), 48))
+    bad_shape = [dict(e) for e in scene["edits"]]
+    bad_shape[1]["objects"] = [{**bad_shape[1]["objects"][0], "shape": "hexagon"}]
+    no_instruction = [dict(e) for e in scene["edits"]]
+    del no_instruction[2]["instruction"]
+    rows = [
+        {"image": image, "meta": json.dumps({**scene, "edits": edits})}
+        for edits in (bad_shape, no_instruction)
+    ]
+    out = prepare(rows, tok_ref)
+    assert [r["status"] for r in out] == [QUARANTINED, QUARANTINED]
+    assert out[0]["reason"] == "edit round 1 target does not render (ValueError: unknown shape 'hexagon')"
+    assert out[1]["reason"] == "edit round 2 has no instruction"
+    assert out[0]["edit_pixels"] is None and out[0]["edit_instruction"] is None
 
 
 def test_marker_rows_and_rows_without_edit_pass_through(tok_ref):

@@ -18,7 +18,8 @@ def test_scenes_are_deterministic_and_cover_the_vocabulary():
     assert {o["shape"] for o in objects} == set(SHAPES) and len(SHAPES) >= 3
     assert {o["color"] for o in objects} == set(COLORS) and len(COLORS) >= 6
     assert {len(s["objects"]) for s in scenes} == {1, 2, 3, 4}
-    assert {s["edit"]["op"] for s in scenes} == {"recolour", "move", "add", "remove"}
+    assert {e["op"] for s in scenes for e in s["edits"]} == {"recolour", "move", "add", "remove"}
+    assert {len(s["edits"]) for s in scenes} == {3}
 
 
 def test_pair_captions_state_the_relation_that_holds():
@@ -33,15 +34,19 @@ def test_pair_captions_state_the_relation_that_holds():
         assert {"question": f"Is the {a.name} {s['relation']} the {b.name}?", "answer": "yes"} in s["vqa"]
 
 
-def test_objects_do_not_overlap_and_edits_change_the_scene():
+def test_objects_do_not_overlap_and_each_edit_round_changes_the_previous_scene():
     for i in range(300):
         s = sample_scene(2, i)
-        boxes = [o["bbox"] for o in s["objects"]]
-        for j, p in enumerate(boxes):
-            assert 0 <= p[0] < p[2] <= 1 and 0 <= p[1] < p[3] <= 1
-            for q in boxes[j + 1 :]:
-                assert p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
-        assert s["edit"]["objects"] != s["objects"]
+        previous = s["objects"]
+        for objects in [previous] + [e["objects"] for e in s["edits"]]:
+            boxes = [o["bbox"] for o in objects]
+            for j, p in enumerate(boxes):
+                assert 0 <= p[0] < p[2] <= 1 and 0 <= p[1] < p[3] <= 1
+                for q in boxes[j + 1 :]:
+                    assert p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
+        for edit in s["edits"]:
+            assert edit["objects"] != previous and 1 <= len(edit["objects"]) <= 5
+            previous = edit["objects"]
 
 
 def test_render_size_and_background():

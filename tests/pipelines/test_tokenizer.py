@@ -16,6 +16,7 @@ from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.tokenizer.config import TokenizerConfig
 from uniloom.pipelines.tokenizer.data import decode_image
 from uniloom.pipelines.tokenizer.evaluate import fit_linear_probe, grid_image, probe_scenes, psnr, ssim
+from uniloom.pipelines.tokenizer.loop import Budget
 from uniloom.pipelines.tokenizer.step import MIMTraining, learning_rate, random_mask
 from uniloom.pipelines.tokenizer.teachers import EMATeacher, Teachers
 from uniloom.pipelines.tokenizer.weights import calibrate_latents, load_mingtok, save_mingtok
@@ -48,12 +49,22 @@ def test_random_mask_masks_the_configured_share_of_the_configured_rows():
     assert not random_mask(8, 16, none, torch.Generator()).any()
 
 
-def test_learning_rate_warms_up_then_decays_by_cosine():
-    t = TokenizerConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    assert learning_rate(t, 0, 0.0) == pytest.approx(1e-4)
-    assert learning_rate(t, 9, 0.0) == pytest.approx(1e-3)
-    assert learning_rate(t, 500, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
-    assert learning_rate(t, 1000, 1.0) == pytest.approx(1e-4)
+def test_learning_rate_warms_up_then_decays_by_cosine_over_the_step_budget():
+    t = TokenizerConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, steps=1000, max_minutes=1.0)
+    assert learning_rate(t, 0) == pytest.approx(1e-4)
+    assert learning_rate(t, 9) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.009))))
+    assert learning_rate(t, 500) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(t, 1000) == pytest.approx(1e-4) == learning_rate(t, 1200)
+
+
+def test_the_safety_cap_cuts_a_run_only_before_its_steps_and_says_so():
+    budget = Budget(steps=1500, max_minutes=20)
+    assert not budget.cut(800, 1199.0)  # under the cap
+    assert budget.cut(800, 1200.0)  # the cap ends the run at step 800 of 1500
+    assert not budget.cut(1500, 1300.0)  # the steps were done: the cap cut nothing
+    assert not Budget(steps=1500, max_minutes=0).cut(800, 1e9)  # no cap
+    line = budget.warning(800)
+    assert line.startswith("WARNING:") and "800 of 1500 planned steps" in line and "20-minute" in line
 
 
 def test_the_edge_band_follows_object_outlines():
@@ -119,13 +130,24 @@ def test_training_steps_fit_a_batch_and_ask_the_teacher_for_masked_rows_only(pre
     blocks = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     batch = (torch.nn.functional.interpolate(blocks, size=32) * 255).round().to(torch.uint8)  # learnable
     caption = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    first = training.step(batch, caption, 0, 0.0)
+    first = training.step(batch, caption, 0)
     for step in range(1, 15):
-        last = training.step(batch, caption, step, 0.0)
+        last = training.step(batch, caption, step)
     assert asked == [2] * 15  # a quarter of 8 rows are masked; the others need no targets
     assert all(np.isfinite(v) for v in last.values())
     assert last["loss/pixel"] < 0.5 * first["loss/pixel"], (first, last)
     assert next(training.module.parameters()).dtype == torch.float32  # autocast keeps fp32 weights
+
+
+@pytest.mark.parametrize("bf16_ms, chosen", [(39.0, "fp32"), (5.0, "bf16")])
+def test_auto_precision_trains_in_what_this_machine_runs_faster(monkeypatch, tmp_path, bf16_ms, chosen):
+    from uniloom.pipelines import precision
+
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(precision, "_TIMINGS", {})
+    monkeypatch.setattr(precision, "measure", lambda: precision.Timing(7.6, bf16_ms, "2026-01-01"))
+    training = MIMTraining(SMALL, TokenizerConfig(precision="auto"), np.ones((2, 24), np.float32))
+    assert training.precision == chosen
 
 
 def test_ema_teacher_follows_the_student_and_gives_grid_features():

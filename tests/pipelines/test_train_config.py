@@ -8,7 +8,7 @@ import pytest
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.errors import ConfigError, UniloomError
 from uniloom.pipelines.train import recipe
-from uniloom.pipelines.train.config import PARTS, StageConfig
+from uniloom.pipelines.train.config import PARTS, StageConfig, TrainConfig
 from uniloom.pipelines.train.deepspeed_config import engine_config, lr_lambda
 
 
@@ -16,14 +16,15 @@ def test_both_presets_carry_the_four_stage_recipe():
     for preset in ("tiny", "paper"):
         t = load_config(preset).train
         assert list(t.stages) == ["align", "joint", "sft", "edit"]
-        assert t.stages["align"].trainable == ["projector", "flow_head"]
+        # no pretrained LLM is loaded: the first stage trains it with the heads
+        assert t.stages["align"].trainable == ["projector", "flow_head", "llm"]
         assert set(t.stages["joint"].trainable) == set(PARTS)
         assert "semantic_decoder" not in t.stages["sft"].trainable
         assert t.stages["edit"].mix["editing"] == pytest.approx(0.55)
         for stage in t.stages.values():
             assert sum(stage.mix.values()) == pytest.approx(1.0)
     paper = load_config("paper").train
-    assert (paper.zero_stage, paper.precision, paper.expert_parallel) == (2, "bf16", 8)
+    assert (paper.zero_stage, paper.precision, paper.expert_parallel) == (2, "auto", 8)
 
 
 def test_one_field_of_one_stage_is_a_plain_override():
@@ -49,11 +50,20 @@ def test_bad_train_settings_name_the_key(override, message):
         load_config("tiny", overrides=[override])
 
 
+def test_a_stage_may_not_freeze_the_untrained_llm():
+    with pytest.raises(ConfigError, match=r"stages.align.trainable freezes the LLM.*random weights"):
+        load_config("tiny", overrides=["train.stages.align.trainable=[projector, flow_head]"])
+    with pytest.raises(ValueError, match="stages.sft.trainable freezes the LLM"):
+        TrainConfig(stages={"sft": StageConfig(["projector"]), "joint": StageConfig(list(PARTS))})
+    # Once a stage has trained it, later stages may freeze it.
+    t = load_config("tiny", overrides=["train.stages.edit.trainable=[projector, flow_head]"]).train
+    assert "llm" not in t.stages["edit"].trainable
+    assert "llm" in TrainConfig().stages["align"].trainable
+
+
 def test_deepspeed_config_follows_the_preset():
-    t = load_config(
-        "tiny", overrides=["train.zero_stage=2", "train.grad_accum=4", "train.precision=bf16"]
-    ).train
-    ds = engine_config(t, world=2)
+    t = load_config("tiny", overrides=["train.zero_stage=2", "train.grad_accum=4"]).train
+    ds = engine_config(t, world=2, precision="bf16")
     assert ds["train_batch_size"] == t.micro_batch * 4 * 2
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == t.grad_clip
     # ZeRO 2 with MoE parameter groups needs both (DeepSpeed asserts on them).
@@ -61,7 +71,7 @@ def test_deepspeed_config_follows_the_preset():
         "stage": 2, "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False,
     }  # fmt: skip
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    assert engine_config(load_config("tiny").train, 1)["torch_autocast"]["enabled"] is False
+    assert engine_config(load_config("tiny").train, 1, "fp32")["torch_autocast"]["enabled"] is False
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
