@@ -161,8 +161,11 @@ def edit(model: UniVision, tokenizer, state: KVCache | None, instruction_ids: Se
 @torch.no_grad()
 def generate_text(model: UniVision, prompt_ids: Sequence[Sequence[int]], *, tokenizer=None, images=None,
                   state: KVCache | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-                  generator: torch.Generator | None = None) -> TextTurn:  # fmt: skip
-    """Answer a human turn (optionally about images) with text: greedy at temperature 0."""
+                  generator: torch.Generator | None = None, all_done=None) -> TextTurn:  # fmt: skip
+    """Answer a human turn (optionally about images) with text: greedy at temperature 0.
+    `all_done(done_B) -> bool` decides when decoding stops (default: every row has its
+    <eos>); processes that run the model in lock step (sharded experts) pass one that
+    agrees across them, so none stops while another still calls the model."""
     if images is not None:
         if tokenizer is None:
             raise ValueError("images need the MingTok tokenizer")
@@ -185,6 +188,6 @@ def generate_text(model: UniVision, prompt_ids: Sequence[Sequence[int]], *, toke
             out[b].append(int(token[b]))
         h = model(token[:, None], key_mask_BT=live[:, None], cache=cache).hidden[:, -1]
         done = done | (token == SPECIAL_IDS[EOS])
-        if bool(done.all()):
+        if all_done(done) if all_done is not None else bool(done.all()):
             break
     return TextTurn(out, cache)

@@ -84,12 +84,23 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def _preset_text(name: str) -> str:
+    return (resources.files("uniloom.pipelines") / "presets" / f"{name}.yaml").read_text()
+
+
+def load_preset(name: str, _children: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The preset's mapping; `extends: OTHER` at its top level merges it over preset OTHER
+    (mappings key by key, everything else replaced)."""
     names = preset_names()
     if name not in names:
         raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(names)})")
-    text = (resources.files("uniloom.pipelines") / "presets" / f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset '{name}'")
+    data = _read_yaml(_preset_text(name), f"preset '{name}'")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if parent in (*_children, name):
+        raise ConfigError(f"preset '{name}' extends '{parent}', which extends it back")
+    return _deep_merge(load_preset(str(parent), (*_children, name)), data)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ pipelines/evaluate/benchmark.py with the scene detector."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,9 @@ class Bundle:
     tokenizer: Any
     text: Any  # tokenizers.Tokenizer
     metadata: dict[str, Any]
+    # Processes evaluating in lock step (training workers with sharded experts): when
+    # every one has finished its answers (models.generation.generate_text's all_done).
+    all_done: Callable[[Any], bool] | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.text.encode(text, add_special_tokens=False).ids
@@ -101,7 +104,7 @@ def model_callables(bundle: Bundle, e: EvalConfig):
             images = _unit([_render(i.scene["objects"], size) for i, _ in chunk])
             turn = generate_text(bundle.model, [bundle.encode(q) for _, q in chunk], tokenizer=bundle.tokenizer,
                                  images=images, max_new_tokens=8, temperature=e.text_temperature,
-                                 generator=gen)  # fmt: skip
+                                 generator=gen, all_done=bundle.all_done)  # fmt: skip
             out.extend(bundle.decode(ids) for ids in turn.ids)
         return out
 
@@ -142,14 +145,21 @@ def tokenizer_reconstruction(tokenizer, items: list[EvalItem], batch: int) -> di
     }
 
 
+def evaluate_items(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> Evaluation:
+    """Generation, VQA and editing scores of `items` in `eval.precision`."""
+    with inference_precision(bundle, e) as tags:
+        evaluation = evaluate_all(items, *model_callables(bundle, e))
+    evaluation.tags = tags
+    return evaluation
+
+
 def evaluate_bundle(bundle: Bundle, e: EvalConfig, corpus_seed: int, max_objects: int = 4) -> Evaluation:
     """Every score on the test split (`e.scenes` scenes), the carried MingTok's
     reconstruction included, with example images per category and edit round."""
     items = held_out(corpus_seed, e.scenes, max_objects, split="test")
-    with inference_precision(bundle, e) as tags:
-        evaluation = evaluate_all(items, *model_callables(bundle, e))
+    evaluation = evaluate_items(bundle, e, items)
+    with inference_precision(bundle, e):
         evaluation.metrics.update(tokenizer_reconstruction(bundle.tokenizer, items, e.batch))
-    evaluation.tags = tags
     return evaluation
 
 

@@ -124,6 +124,10 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; the end of every stage is checkpointed too
     keep_checkpoints: int = 3
     eval_every: int = 0  # steps; 0: at the end of each stage only
+    # Learning curves: GenEval, VQA and edit success on this many validation-split scenes
+    # at every evaluation point (eval_every, and each stage's end), logged as curve/<metric>
+    # with the EMA weights; every worker takes part (sharded experts). 0: off
+    curve_scenes: int = 0
     eval_prompts: list[str] = field(
         default_factory=lambda: ["a red circle", "a blue square left of a green triangle"]
     )

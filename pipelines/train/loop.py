@@ -102,6 +102,13 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     return engine, trainee
 
 
+def _agreed_done(done_B: torch.Tensor) -> bool:
+    """Every rank's rows are done (ranks decoding in lock step stop together)."""
+    flag = done_B.all().to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def worker_device(t) -> str:
     return "cuda" if t.use_gpu else "cpu"
 
@@ -288,6 +295,30 @@ class StageRun:
             logger.images(to_uint8(out.images), tag)
         if getattr(self, "last_load", None) is not None:
             logger.expert_histogram(self.last_load, tag)
+        if self.t.curve_scenes:
+            self.curve(logger)
+
+    def curve(self, logger: RunLogger) -> None:
+        """The learning curve's point: GenEval, VQA and edit success of the EMA weights on
+        validation-split scenes (never the test split), every rank in lock step."""
+        from uniloom.pipelines.evaluate.benchmark import held_out
+        from uniloom.pipelines.evaluate.univision import Bundle, evaluate_items
+        from uniloom.pipelines.train.trainer import shards_uri, text_tokenizer
+
+        cfg, module = self.cfg, self.engine.module
+        items = held_out(cfg.corpus.seed, self.t.curve_scenes, cfg.corpus.max_objects, split="val")
+        text = text_tokenizer(shards_uri(cfg), cfg.data.storage_options)
+        bundle = Bundle(module.model, module.tokenizer, text, {}, all_done=_agreed_done)
+        start = time.time()
+        module.eval()
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            metrics = evaluate_items(bundle, cfg.eval, items).metrics
+        module.train()
+        curve = {f"curve/{k}": v for k, v in metrics.items() if not k.endswith(("_n", "_lo", "_hi"))}
+        logger.metrics(curve, self.global_step)
+        shown = ("geneval_overall", "vqa_accuracy", "edit_success_1", "edit_success_3")
+        _say(self.rank, f"{self.name} step {self.step} validation ({len(items)} scenes, {time.time() - start:.0f}s): "
+                        + " ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))  # fmt: skip
 
     def checkpoint(self, done: bool) -> None:
         import ray.train

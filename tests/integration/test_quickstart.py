@@ -15,10 +15,10 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGETS = [
-    "corpus.num=320", "corpus.shards=4", "tokenizer.max_minutes=0.5", "tokenizer.probe_train=60",
+    "corpus.num=320", "corpus.shards=4", "tokenizer.steps=40", "tokenizer.probe_train=60",
     "tokenizer.probe_test=30", "tokenizer.eval_limit=40", "train.stages.align.steps=3",
     "train.stages.joint.steps=3", "train.stages.sft.steps=2", "train.stages.edit.steps=2",
-    "train.checkpoint_every=5", "eval.scenes=4", "eval.flow_steps=2",
+    "train.checkpoint_every=5", "train.curve_scenes=2", "eval.scenes=4", "eval.val_scenes=4", "eval.flow_steps=2",
 ]  # fmt: skip
 
 
@@ -78,6 +78,13 @@ def test_the_workflow_registered_both_models_and_a_rerun_skips_every_stage(quick
     assert sorted(r.info.run_name for r in children) == sorted(
         ["corpus", "tokenizer", "data", "train", "eval", "register"]
     )
+    # The learning curve: validation scores at each stage's end, both workers in lock step.
+    (train_run,) = client.search_runs(
+        [parents[0].info.experiment_id], "attributes.run_name LIKE 'univision-tiny-%'"
+    )
+    curve = client.get_metric_history(train_run.info.run_id, "curve/geneval_overall")
+    assert [m.step for m in curve] == [3, 6, 8, 10]
+    assert client.get_metric_history(train_run.info.run_id, "curve/edit_success_3")
     command = [
         str(Path(sys.executable).with_name("uniloom")),
         "run",

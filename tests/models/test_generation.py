@@ -151,6 +151,22 @@ def test_generate_text_matches_full_forward(models):
             assert greedy.tolist() == out.ids[b]
 
 
+def test_generate_text_stops_when_all_done_says_so(models):
+    """Ranks decoding in lock step stop together: a row finished early keeps its answer
+    while the model is still called for the others (here: never done, so every step runs)."""
+    model, tokenizer = models
+    calls = []
+
+    def never(done_B):
+        calls.append(done_B.clone())
+        return False
+
+    alone = generate_text(model, [[20, 21], [22]], tokenizer=tokenizer, images=pixels(2), max_new_tokens=6)
+    locked = generate_text(model, [[20, 21], [22]], tokenizer=tokenizer, images=pixels(2), max_new_tokens=6,
+                           all_done=never)  # fmt: skip
+    assert locked.ids == alone.ids and len(calls) == 6
+
+
 def test_mismatched_tokenizer_is_rejected(models):
     model, _ = models
     other = MingTok(replace(TOK, sem_width=64))

@@ -11,6 +11,26 @@ def test_presets_load_and_fill_every_section():
     assert tiny.corpus.size == 64 and paper.corpus.size == 512
 
 
+def test_small_extends_tiny_key_by_key():
+    tiny, small = load_config("tiny"), load_config("small")
+    assert small.preset == "small" and small.mingtok == tiny.mingtok and small.model == tiny.model
+    assert (small.corpus.num, small.corpus.size, small.tokenizer.steps) == (12000, 64, 4000)
+    # a stage's mapping merges over tiny's: new steps, tiny's mix and trainable parts
+    assert small.train.stages["joint"].steps == 2500
+    assert small.train.stages["joint"].mix == tiny.train.stages["joint"].mix
+    assert small.eval.scenes >= 500
+
+
+def test_a_preset_cycle_is_refused(monkeypatch):
+    from uniloom.pipelines import config
+
+    texts = {"a": "extends: b\n", "b": "extends: a\n"}
+    monkeypatch.setattr(config, "preset_names", lambda: ["a", "b"])
+    monkeypatch.setattr(config, "_preset_text", lambda name: texts[name])
+    with pytest.raises(ConfigError, match="preset 'b' extends 'a', which extends it back"):
+        load_config("a")
+
+
 def test_override_precedence_file_then_set(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("corpus:\n  num: 10\n  seed: 3\n")
