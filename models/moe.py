@@ -160,7 +160,8 @@ class MoE(nn.Module):
         num_tokens_per_expert_E = torch.bincount(selected_N, minlength=self.num_experts)
         out_ND = self.experts(x_TD[token_N], num_tokens_per_expert_E)
         out_ND = out_ND * top_scores_MK.reshape(-1)[order_N, None].to(out_ND.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND)
+        # In out_ND's dtype: under autocast the experts compute in bf16 while x_TD is fp32.
+        out_TD = out_ND.new_zeros(x_TD.shape).index_add_(0, token_N, out_ND)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 

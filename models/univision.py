@@ -97,7 +97,8 @@ class UniVision(nn.Module):
             raise ValueError(f"{slots} image-patch slots but {given} image feature rows")
         if slots:
             projected_PH = self.projector(image_features_PD.to(x_BTH.dtype))
-            x_BTH = x_BTH.masked_scatter(image_mask_BT[..., None], projected_PH)
+            # autocast computes the projector in bf16; the embeddings stay in their dtype
+            x_BTH = x_BTH.masked_scatter(image_mask_BT[..., None], projected_PH.to(x_BTH.dtype))
         return x_BTH
 
     def forward(self, input_ids_BT, image_features_PD=None, image_mask_BT=None, *, position_ids_BT=None,

@@ -167,6 +167,16 @@ def test_generate_text_stops_when_all_done_says_so(models):
     assert locked.ids == alone.ids and len(calls) == 6
 
 
+def test_generation_and_answers_run_under_bf16_autocast(models):
+    """Inference with `precision: bf16` (or auto where bf16 is faster) runs under autocast."""
+    model, tokenizer = models
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        turn = generate(model, tokenizer, [[20, 21]], steps=2, generator=torch.Generator().manual_seed(0))
+        text = generate_text(model, [[20]], tokenizer=tokenizer, images=pixels(1), max_new_tokens=2)
+    assert turn.images.shape[:2] == (1, 3) and torch.isfinite(turn.images).all()
+    assert 1 <= len(text.ids[0]) <= 2
+
+
 def test_mismatched_tokenizer_is_rejected(models):
     model, _ = models
     other = MingTok(replace(TOK, sem_width=64))

@@ -100,3 +100,8 @@ def test_tags_record_the_choice_the_request_and_the_measurement(machine):
         "precision.train": "bf16",
         "precision.train.requested": "bf16",
     }
+
+
+def test_bf16_within_timing_noise_keeps_fp32():
+    assert Timing(fp32_ms=10.0, bf16_ms=9.5, measured="").choice == "fp32"
+    assert Timing(fp32_ms=10.0, bf16_ms=8.5, measured="").choice == "bf16"
