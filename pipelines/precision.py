@@ -4,11 +4,11 @@ tokenizer, data and train sections (and inference).
 "auto" is bf16 on CUDA. On a CPU it is bf16 only where bf16 autocast is measured faster
 than fp32 on this machine: with native bf16 (avx512_bf16, AMX) it can be, while on an
 AVX2-only CPU autocast emulates it and a 128->512 Linear's forward and backward take 39 ms
-against 7.6 ms in fp32. The timing takes well under a second and is cached per machine
-(CPU model and bf16 flags, torch version, thread count) in
+against 7.6 ms in fp32 (and on this project's avx512_bf16 machine fp32 still wins at these
+widths: 9.4 against 12.8 ms). The timing takes about a second, in one thread, and is
+cached per machine (CPU model and bf16 flags, torch version) in
 $UNILOOM_CACHE_DIR/precision.json (default ~/.cache/uniloom), so a machine measures once;
-delete its entry to measure again (a timing taken while other jobs load the cores is noisy,
-though not enough to hide AVX2's 5x).
+delete its entry to measure again.
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ class Timing:
 
 def measure(repeats: int = 20) -> Timing:
     """Times a 128->512 Linear + GELU + Linear, forward and backward on 1,024 rows, in fp32
-    and under bf16 autocast, alternating so that other load on the machine hits both alike,
-    in the current torch thread count. The best of `repeats` of each counts."""
+    and under bf16 autocast, alternating so that other load on the machine hits both alike.
+    The best of `repeats` of each counts. One thread: what decides the ratio is the
+    instruction set, and a multi-threaded timing on a machine where other processes hold
+    cores swings either way (seen here: bf16 1.2x faster at 2 threads under load, 1.6x
+    slower on the idle machine, 1.4x slower at one thread either way)."""
     generator = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
     x = torch.randn(1024, 128, generator=generator)  # (rows, 128)
@@ -67,12 +70,17 @@ def measure(repeats: int = 20) -> Timing:
         y.float().square().mean().backward()
         return time.perf_counter() - start
 
-    for bf16 in (False, True):  # first calls pick kernels and allocate
-        once(bf16)
-    best = {False: float("inf"), True: float("inf")}
-    for _ in range(repeats):
-        for bf16 in (False, True):
-            best[bf16] = min(best[bf16], once(bf16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for bf16 in (False, True):  # first calls pick kernels and allocate
+            once(bf16)
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(repeats):
+            for bf16 in (False, True):
+                best[bf16] = min(best[bf16], once(bf16))
+    finally:
+        torch.set_num_threads(threads)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return Timing(round(best[False] * 1e3, 3), round(best[True] * 1e3, 3), now)
 
@@ -90,10 +98,10 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def machine_key() -> str:
-    """What the CPU measurement depends on: CPU model, bf16 flags, torch, threads."""
+    """What the CPU measurement depends on: CPU model, bf16 flags, torch."""
     model, flags = _cpuinfo()
     present = ",".join(f for f in BF16_FLAGS if f in flags) or "none"
-    return f"{model} | {present} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+    return f"{model} | {present} | torch {torch.__version__}"
 
 
 def cache_file() -> Path:

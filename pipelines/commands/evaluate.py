@@ -31,7 +31,7 @@ TUNE_HELP = (
     "Choose sampling settings on the validation split (eval.val_scenes scenes) instead of scoring "
     "the test split, and print them as a YAML snippet for the preset. Cost: one generated image per "
     "scene for each combination of the image settings in eval.tune_grid, and ~4 answers per scene "
-    "for each text temperature; the default grid (6 combinations, 2 temperatures) costs about 1.5x "
+    "for each text temperature; the default grid (12 combinations, 2 temperatures) costs about 3x "
     "a test evaluation of as many scenes (which draws 4 images a scene: 1 + 3 edit rounds)."
 )
 

@@ -9,13 +9,15 @@ from typing import Any
 
 import click
 
-from uniloom.pipelines.config import UniloomConfig, load_config
+from uniloom.pipelines.config import UniloomConfig, load_config, preset_names
 
 
 def config_options(func):
     """Adds --preset/--config/--set and passes the loaded config as `cfg`."""
 
-    @click.option("--preset", default="tiny", show_default=True, help="Preset name (tiny, paper).")
+    @click.option(
+        "--preset", default="tiny", show_default=True, help=f"Preset name ({', '.join(preset_names())})."
+    )
     @click.option(
         "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file merged over the preset."
     )

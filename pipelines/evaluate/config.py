@@ -18,11 +18,15 @@ class EvalConfig:
     guidance: bool = True
     cfg_text_uncond_scale: float | None = None
     cfg_cond_scale: float | None = None
+    # the flow head's starting noise scale for image latents (lower: surer, less varied
+    # tokens; a per-token head sampled at 1.0 scatters an object's tokens over colours)
+    temperature: float | None = None
     text_temperature: float = 0.0  # 0: greedy answers
     # What `--tune` tries: image settings scored by GenEval overall, text temperature by VQA.
     tune_grid: dict[str, list[float]] = field(
         default_factory=lambda: {
             "flow_steps": [8.0, 16.0],
+            "temperature": [0.5, 1.0],
             "cfg_cond_scale": [1.5, 3.0, 5.0],
             "cfg_text_uncond_scale": [1.1],
             "text_temperature": [0.0, 0.5],
@@ -38,6 +42,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = set(self.tune_grid) - {
             "flow_steps",
+            "temperature",
             "cfg_cond_scale",
             "cfg_text_uncond_scale",
             "text_temperature",

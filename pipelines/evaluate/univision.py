@@ -87,7 +87,8 @@ def model_callables(bundle: Bundle, e: EvalConfig):
         mc.cfg_text_uncond_scale if e.cfg_text_uncond_scale is None else e.cfg_text_uncond_scale,
         mc.cfg_cond_scale if e.cfg_cond_scale is None else e.cfg_cond_scale,
     )
-    sampling = {"steps": e.flow_steps or None, "guidance": e.guidance, "scales": scales, "generator": gen}
+    sampling = {"steps": e.flow_steps or None, "temperature": e.temperature, "guidance": e.guidance,
+                "scales": scales, "generator": gen}  # fmt: skip
 
     @torch.no_grad()
     def generate_images(captions: list[str]) -> list[np.ndarray]:

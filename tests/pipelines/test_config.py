@@ -14,7 +14,7 @@ def test_presets_load_and_fill_every_section():
 def test_small_extends_tiny_key_by_key():
     tiny, small = load_config("tiny"), load_config("small")
     assert small.preset == "small" and small.mingtok == tiny.mingtok and small.model == tiny.model
-    assert (small.corpus.num, small.corpus.size, small.tokenizer.steps) == (12000, 64, 4000)
+    assert (small.corpus.num, small.corpus.size, small.tokenizer.steps) == (12000, 64, 2000)
     # a stage's mapping merges over tiny's: new steps, tiny's mix and trainable parts
     assert small.train.stages["joint"].steps == 2500
     assert small.train.stages["joint"].mix == tiny.train.stages["joint"].mix

@@ -111,7 +111,7 @@ def test_tune_chooses_on_the_validation_split_and_prints_a_preset_snippet(bundle
         def generate_images(captions):
             by_caption = {i.scene["caption"]: i for i in held_out(0, 6, split="val")}
             seen.extend(by_caption[c].key for c in captions)
-            good = e.cfg_cond_scale == 3.0 and e.flow_steps == 16
+            good = e.cfg_cond_scale == 3.0 and e.flow_steps == 16 and e.temperature == 1.0
             return [
                 np.asarray(render(scene_objects(by_caption[c].scene["objects"]), 64))
                 if good
@@ -131,12 +131,13 @@ def test_tune_chooses_on_the_validation_split_and_prints_a_preset_snippet(bundle
     best, trials, _ = tune(bundle, e, corpus_seed=0)
     assert best == {
         "flow_steps": 16,
+        "temperature": 1.0,
         "cfg_cond_scale": 3.0,
         "cfg_text_uncond_scale": 1.1,
         "text_temperature": 0.5,
     }
     assert seen and all(key.startswith("val-") for key in seen)
-    assert len(trials) == 2 * 3 * 1 + 2 and all(t["lo"] <= t["value"] <= t["hi"] for t in trials)
+    assert len(trials) == 2 * 2 * 3 * 1 + 2 and all(t["lo"] <= t["value"] <= t["hi"] for t in trials)
     assert "eval:\n  flow_steps: 16\n" in preset_snippet(best, 6)
 
 

@@ -50,7 +50,6 @@ def test_the_cache_answers_the_next_process_and_is_keyed_by_machine(machine, mon
     assert precision.resolve("auto", "cpu") == "fp32" and len(taken) == 1
     entries = json.loads(precision.cache_file().read_text())
     assert list(entries) == [precision.machine_key()]
-    assert f"threads {torch.get_num_threads()}" in precision.machine_key()
     assert entries[precision.machine_key()]["bf16_ms"] == 39.0
     monkeypatch.setattr(precision, "_cpuinfo", lambda: ("Other CPU", {"avx512f", "avx512_bf16", "sse2"}))
     precision.resolve("auto", "cpu")
@@ -105,3 +104,15 @@ def test_tags_record_the_choice_the_request_and_the_measurement(machine):
 def test_bf16_within_timing_noise_keeps_fp32():
     assert Timing(fp32_ms=10.0, bf16_ms=9.5, measured="").choice == "fp32"
     assert Timing(fp32_ms=10.0, bf16_ms=8.5, measured="").choice == "bf16"
+
+
+def test_the_measurement_runs_in_one_thread_and_restores_the_count():
+    seen = []
+    before = torch.get_num_threads()
+    original = torch.nn.Linear.forward
+    try:
+        torch.nn.Linear.forward = lambda self, x: seen.append(torch.get_num_threads()) or original(self, x)
+        precision.measure(repeats=1)
+    finally:
+        torch.nn.Linear.forward = original
+    assert set(seen) == {1} and torch.get_num_threads() == before
