@@ -303,11 +303,11 @@ class StageRun:
         validation-split scenes (never the test split), every rank in lock step."""
         from uniloom.pipelines.evaluate.benchmark import held_out
         from uniloom.pipelines.evaluate.univision import Bundle, evaluate_items
-        from uniloom.pipelines.train.trainer import shards_uri, text_tokenizer
+        from uniloom.pipelines.train.trainer import text_tokenizer
 
         cfg, module = self.cfg, self.engine.module
         items = held_out(cfg.corpus.seed, self.t.curve_scenes, cfg.corpus.max_objects, split="val")
-        text = text_tokenizer(shards_uri(cfg), cfg.data.storage_options)
+        text = text_tokenizer(self.job["shards_uri"], cfg.data.storage_options)
         bundle = Bundle(module.model, module.tokenizer, text, {}, all_done=_agreed_done)
         start = time.time()
         module.eval()

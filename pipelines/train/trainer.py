@@ -116,6 +116,7 @@ def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[st
         "tokenizer_weights": d.tokenizer_weights,
         "eval_prompt_ids": prompt_ids,
         "shards": shards,
+        "shards_uri": shards.uri,  # as the driver resolved it: workers run in another folder
     }
 
 
