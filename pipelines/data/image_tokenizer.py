@@ -132,7 +132,7 @@ class Encoder:
         torch.set_num_threads(exec_cfg["torch_threads"])
         self.cfg = MingTokConfig(**mingtok)
         self.device = "cuda" if exec_cfg["actor_gpus"] > 0 and torch.cuda.is_available() else "cpu"
-        self.precision = resolve(precision, self.device)  # after the thread count: "auto" is timed at it
+        self.precision = resolve(precision, self.device)
         weights = read_weights(weights_uri, storage_options)
         self.model = load_encoder(self.cfg, weights, weights_uri, self.device).eval()
         self.batch = exec_cfg["encode_batch"]

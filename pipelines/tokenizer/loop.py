@@ -140,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: UniloomConfig = build(UniloomConfig, config["cfg"])
     t = cfg.tokenizer
-    torch.set_num_threads(t.threads)  # before MIMTraining: "auto" precision is timed at this count
+    torch.set_num_threads(t.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     training = MIMTraining(cfg.mingtok, t, config["text"])

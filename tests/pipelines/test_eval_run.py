@@ -152,7 +152,10 @@ def registry(tmp_path_factory):
         client.create_registered_model(name)
         for _ in range(2):
             client.create_model_version(name, source=str(folder))
-    yield client, folder
+    # Its own experiment, passed explicitly: the fluent API's active experiment may be
+    # another test's, in another store.
+    experiment = client.create_experiment("gates")
+    yield client, folder, experiment
     mlflow.set_tracking_uri(before)
 
 
@@ -179,7 +182,7 @@ GOOD_TOKENIZER = {"psnr": 35.0, "detector_agreement": 0.99, "detector_agreement_
 )
 def test_champion_moves_only_when_the_model_and_its_tokenizer_pass(registry, tokenizer, evaluation, moved):
     """Version 1 is champion; the stages registered version 2."""
-    client, folder = registry
+    client, folder, experiment = registry
     for name in (MINGTOK_NAME, UNIVISION_NAME):
         client.set_registered_model_alias(name, "champion", "1")
     cfg = load_config("tiny", overrides=[f"workspace={folder}"])
@@ -188,7 +191,7 @@ def test_champion_moves_only_when_the_model_and_its_tokenizer_pass(registry, tok
         "train": StageResult(metrics={"registered_version": 2.0}),
         "eval": StageResult(metrics={**GOOD_EVAL, **evaluation}),
     }
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         _register(cfg, done)
     for name, version in moved.items():
         assert str(client.get_model_version_by_alias(name, "champion").version) == version, name
@@ -202,7 +205,7 @@ def test_eval_command_logs_metrics_table_and_examples_to_mlflow(registry, bundle
     from uniloom.pipelines.commands.evaluate import evaluate
     from uniloom.pipelines.evaluate import loading
 
-    client, folder = registry
+    client, folder, _ = registry
     monkeypatch.setattr(loading, "resolve_model", lambda cfg, model: bundle)
     args = [
         "--set",
@@ -234,7 +237,7 @@ def test_eval_tune_prints_the_chosen_settings_as_preset_yaml(registry, bundle, m
     from uniloom.pipelines.commands.evaluate import evaluate
     from uniloom.pipelines.evaluate import loading
 
-    _, folder = registry
+    _, folder, _ = registry
     monkeypatch.setattr(loading, "resolve_model", lambda cfg, model: bundle)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())
     grid = "eval.tune_grid={flow_steps: [1, 2], cfg_cond_scale: [3.0], text_temperature: [0.0]}"
