@@ -175,7 +175,7 @@ class LowLevelEncoder(nn.Module):
         x = x + resize_pos_embed(self.pos_embed, self.cfg.grid, (h, w))
         x = torch.cat([x, self.cls_token.expand(B, -1, -1)], dim=1)  # (B, N + 1, C): class token last
         for block in self.blocks:
-            x = block(x)
+            x = block(x, causal=self.cfg.enc_causal)
         return x
 
     def head_out(self, x):  # (B, T, C) -> raw latents (B, T, L)

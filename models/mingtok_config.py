@@ -22,6 +22,10 @@ class MingTokConfig:
     pix_heads: int = 4
     pix_patch_size: int = 4  # half the encoder patch: the pixel decoder has 4x the tokens
     mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width (same parameters as a GELU MLP)
+    # Causal (raster-order) attention in the low-level encoder: latent i then sees patches
+    # 0..i only, so a token carries nothing about patches an autoregressive model has yet
+    # to draw. The paper's encoder is bidirectional (False).
+    enc_causal: bool = False
     latent_shift: float = 0.0  # normalised latent = (raw - shift) / scale (paper: 1.468, 8.094)
     latent_scale: float = 1.0
 

@@ -13,7 +13,14 @@ import numpy as np
 
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import scene_objects
-from uniloom.pipelines.evaluate.benchmark import EvalItem, Evaluation, evaluate_all, held_out, proportion
+from uniloom.pipelines.evaluate.benchmark import (
+    EvalItem,
+    Evaluation,
+    evaluate_all,
+    held_out,
+    proportion,
+    score_generation,
+)
 from uniloom.pipelines.evaluate.config import EvalConfig
 
 
@@ -146,6 +153,49 @@ def tokenizer_reconstruction(tokenizer, items: list[EvalItem], batch: int) -> di
     }
 
 
+def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict[str, float]:
+    """Drawing given the true prefix: each latent of a held-out scene's image is sampled
+    from the flow head conditioned on the caption and the scene's own earlier latents
+    (MingTok-encoded renders), then the image is decoded and judged like a generated one.
+    With the held-out flow-matching loss of the same latents, this separates the per-token
+    conditional (the head and what the LLM tells it) from errors that compound when the
+    model continues its own samples: a model that fails here fails before exposure bias."""
+    import torch
+
+    from uniloom.models import sequence
+    from uniloom.models.univision import image_features
+    from uniloom.pipelines.tokenizer.data import to_uint8
+
+    model, tok = bundle.model, bundle.tokenizer
+    gen = torch.Generator().manual_seed(e.seed)
+    size, n = tok.cfg.image_size, tok.cfg.num_tokens
+    images, losses = [], []
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(e.seed)  # the flow loss's times and noise
+        for chunk in _batches(items, e.batch):
+            z_BNC = tok.encode(_unit([_render(i.scene["objects"], size) for i in chunk]))
+            batch = sequence.collate(
+                [
+                    sequence.text_to_image(bundle.encode(i.scene["caption"]), z_NC)
+                    for i, z_NC in zip(chunk, z_BNC)
+                ]
+            )
+            features = image_features(tok, batch.image_latents, n)
+            hidden = model(batch.input_ids, features, batch.image_mask, position_ids_BT=batch.position_ids,
+                           doc_ids_BT=batch.doc_ids).hidden  # fmt: skip
+            before_BT = torch.zeros_like(batch.image_targets)  # the position that predicts each latent
+            before_BT[:, :-1] = batch.image_targets[:, 1:]
+            cond = model.flow_condition(hidden[before_BT])
+            x0 = batch.image_latents[batch.image_targets[batch.image_mask]]
+            losses.append(model.flow_head.loss(x0.to(cond.dtype), cond, batch_mul=4).float())
+            temperature = model.cfg.temperature if e.temperature is None else e.temperature
+            z = model.flow_head.sample(cond, e.flow_steps or model.cfg.flow_steps, temperature, generator=gen)
+            images.extend(to_uint8(tok.decode_pixels(tok.decode_semantic(z.view(len(chunk), n, -1)))))
+    scores = score_generation(items, images)
+    return {"flow_loss_heldout": float(torch.cat(losses).mean()), "flow_loss_heldout_n": float(len(items)),
+            "geneval_teacher_forced": scores.overall, "geneval_teacher_forced_n": float(len(items))}  # fmt: skip
+
+
 def evaluate_items(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> Evaluation:
     """Generation, VQA and editing scores of `items` in `eval.precision`."""
     with inference_precision(bundle, e) as tags:
@@ -161,6 +211,7 @@ def evaluate_bundle(bundle: Bundle, e: EvalConfig, corpus_seed: int, max_objects
     evaluation = evaluate_items(bundle, e, items)
     with inference_precision(bundle, e):
         evaluation.metrics.update(tokenizer_reconstruction(bundle.tokenizer, items, e.batch))
+        evaluation.metrics.update(teacher_forced(bundle, e, items))
     return evaluation
 
 

@@ -81,6 +81,21 @@ def test_the_semantic_decoder_is_causal(model):
     assert (a[:, 9:] - b[:, 9:]).abs().amax(dim=(0, 2)).min() > 1e-4
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_causal_encoder_keeps_later_patches_out_of_earlier_latents(causal):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = MingTok(replace(SMALL, enc_causal=causal)).eval()
+    x = images(1)
+    changed = x.clone()
+    changed[..., 16:, :] = -x[..., 16:, :]  # the bottom half: patch rows 2 and 3 (tokens 8..15)
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(changed)
+    assert torch.equal(a[:, :8], b[:, :8]) == causal  # a bidirectional ViT mixes every patch in
+    assert not torch.equal(a[:, 8:], b[:, 8:])
+
+
 def test_the_class_token_is_last_and_dropping_it_changes_no_patch_feature(model):
     with torch.no_grad():
         with_cls = model.encode_all(images(2))  # (2, 17, 32)

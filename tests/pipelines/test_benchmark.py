@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from uniloom.pipelines.corpus.render import render
-from uniloom.pipelines.corpus.scenes import sample_scene, scene_objects
+from uniloom.pipelines.corpus.scenes import _overlaps, sample_scene, scene_objects
 from uniloom.pipelines.evaluate.benchmark import (
     CATEGORIES,
     edit_succeeded,
@@ -91,6 +91,23 @@ def test_two_object_refuses_one_object_when_both_share_a_shape():
     wrong = dict(b, color=next(c for c in ("red", "green", "blue") if c not in (a["color"], b["color"])))
     assert geneval_checks(pair, _render([a, wrong]))["two_object"] is True
     assert geneval_checks(pair, _render([a, wrong]))["color_attr"] is False
+
+
+def test_extra_objects_fail_every_category():
+    """Clutter is not credit: the right object among others passes nothing."""
+    scenes = {k: next(i.scene for i in held_out(0, 200, kinds=(k,))) for k in ("single", "pair", "count")}
+    for kind, scene in scenes.items():
+        taken = [o["bbox"] for o in scene["objects"]]
+        corners = (
+            [0.05, 0.05, 0.25, 0.25],
+            [0.7, 0.7, 0.9, 0.9],
+            [0.05, 0.7, 0.25, 0.9],
+            [0.7, 0.05, 0.9, 0.25],
+        )
+        free = next(b for b in corners if not _overlaps(b, taken))
+        extra = {"shape": "circle", "color": "purple", "bbox": free}
+        assert all(geneval_checks(scene, _render(scene["objects"])).values()), kind
+        assert not any(geneval_checks(scene, _render(scene["objects"] + [extra])).values()), kind
 
 
 def test_wrong_colour_fails_colour_checks_but_passes_shape_checks():

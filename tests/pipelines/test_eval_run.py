@@ -81,6 +81,9 @@ def test_evaluate_bundle_reports_every_figure_and_chains_edits_from_the_cache(bu
     ):
         assert {name, f"{name}_n", f"{name}_lo", f"{name}_hi"} <= set(m), name
     assert m["edit_success_1_n"] == 3 and m["tokenizer_psnr_n"] == 3 and np.isfinite(m["tokenizer_psnr"])
+    # drawing with the true prefix: a random model's flow loss is about the velocity's variance
+    assert 0.5 < m["flow_loss_heldout"] < 10 and 0 <= m["geneval_teacher_forced"] <= 1
+    assert m["flow_loss_heldout_n"] == 3
     assert evaluation.tags["precision.eval"] == "fp32"
 
 
