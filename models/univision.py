@@ -138,6 +138,15 @@ class UniVision(nn.Module):
 
     # ------------------------------------------------------------------ training loss
 
+    def flow_pairs(self, batch: Batch, hidden_BTH):
+        """The generated latents (N, C) of `batch` and the flow head's conditions (N, Z)
+        that predict them: slot j's latent from the hidden state at j - 1 (same document:
+        a slot always follows <image_start> or another slot)."""
+        target_BT = batch.image_targets
+        cond_BT = torch.zeros_like(target_BT)
+        cond_BT[:, :-1] = target_BT[:, 1:]
+        return batch.image_latents[target_BT[batch.image_mask]], self.flow_condition(hidden_BTH[cond_BT])
+
     def loss(self, batch: Batch, image_features_PD=None) -> Losses:
         """The training objective of a (packed) batch; image_features_PD are the MingTok
         semantic features of batch.image_latents (see `image_features`)."""
@@ -150,22 +159,16 @@ class UniVision(nn.Module):
         text_ce = F.cross_entropy(self.logits(h_BTH[text_sel]).float(), batch.text_targets[text_sel],
                                   reduction="none")  # fmt: skip
 
-        # Slot j's latent is predicted from the hidden state at j - 1 (same document: a slot
-        # always follows <image_start> or another slot).
-        target_BT = batch.image_targets
-        cond_BT = torch.zeros_like(target_BT)
-        cond_BT[:, :-1] = target_BT[:, 1:]
-        x0_NC = batch.image_latents[target_BT[batch.image_mask]]
         # Called with no targets too (N = 0): a flow head balanced across ranks
         # (pipelines/train/flow_balance.py) exchanges rows at every step.
-        cond_NZ = self.flow_condition(h_BTH[cond_BT])
+        x0_NC, cond_NZ = self.flow_pairs(batch, h_BTH)
         flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
         text = _turn_mean(text_ce, turn_ids(batch)[text_sel]) if text_ce.numel() else zero
         flow = flow_mse.mean() if flow_mse.numel() else zero
         total = self.cfg.text_loss_weight * text + self.cfg.flow_loss_weight * flow
         total = total + self.cfg.aux_loss_weight * out.aux_loss
         per_task = _per_task(text_ce, batch.task_ids[text_sel], "text")
-        per_task |= _per_task(flow_mse, batch.task_ids[target_BT], "flow")
+        per_task |= _per_task(flow_mse, batch.task_ids[batch.image_targets], "flow")
         return Losses(total, text, flow, out.aux_loss, per_task, out.expert_load)
 
     # ------------------------------------------------------------------ accounting

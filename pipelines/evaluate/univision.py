@@ -169,6 +169,8 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
     model, tok = bundle.model, bundle.tokenizer
     gen = torch.Generator().manual_seed(e.seed)
     size, n = tok.cfg.image_size, tok.cfg.num_tokens
+    steps = e.flow_steps or model.cfg.flow_steps
+    temperature = model.cfg.temperature if e.temperature is None else e.temperature
     images, losses = [], []
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(e.seed)  # the flow loss's times and noise
@@ -183,13 +185,9 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
             features = image_features(tok, batch.image_latents, n)
             hidden = model(batch.input_ids, features, batch.image_mask, position_ids_BT=batch.position_ids,
                            doc_ids_BT=batch.doc_ids).hidden  # fmt: skip
-            before_BT = torch.zeros_like(batch.image_targets)  # the position that predicts each latent
-            before_BT[:, :-1] = batch.image_targets[:, 1:]
-            cond = model.flow_condition(hidden[before_BT])
-            x0 = batch.image_latents[batch.image_targets[batch.image_mask]]
+            x0, cond = model.flow_pairs(batch, hidden)
             losses.append(model.flow_head.loss(x0.to(cond.dtype), cond, batch_mul=4).float())
-            temperature = model.cfg.temperature if e.temperature is None else e.temperature
-            z = model.flow_head.sample(cond, e.flow_steps or model.cfg.flow_steps, temperature, generator=gen)
+            z = model.flow_head.sample(cond, steps, temperature, generator=gen)
             images.extend(to_uint8(tok.decode_pixels(tok.decode_semantic(z.view(len(chunk), n, -1)))))
     scores = score_generation(items, images)
     return {"flow_loss_heldout": float(torch.cat(losses).mean()), "flow_loss_heldout_n": float(len(items)),
