@@ -1,7 +1,7 @@
 """The `uniloom` command line. Subcommands live in pipelines/commands/, one file each.
 
-Every error a user can fix (bad arguments, bad config, bad input) is one line on stderr
-and a non-zero exit; tracebacks are for bugs.
+Every error a user can fix (bad arguments, bad config, bad input) is one line on stderr,
+secrets redacted, and a non-zero exit; tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from uniloom.pipelines.commands.submit import submit
 from uniloom.pipelines.commands.tokenizer import tokenizer
 from uniloom.pipelines.commands.train import train
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.redact import redact_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,10 +53,10 @@ def main() -> None:
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         where = f" ({ctx.command_path})" if ctx is not None else ""
-        click.echo(f"error{where}: {e.format_message()}", err=True)
+        click.echo(f"error{where}: {redact_text(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except UniloomError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {redact_text(str(e))}", err=True)
         sys.exit(1)
 
 

@@ -3,7 +3,8 @@
 The project's three code folders are staged as one `uniloom` package and uploaded with
 the job (runtime_env py_modules), so the job's driver and workers import exactly this
 checkout, whatever the cluster's image has installed. Logs stream back until the job
-ends, and the exit status is the job's.
+ends, and the exit status is the job's; or, without waiting, the call returns once the
+job is submitted and says how to follow it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import click
 import yaml
 
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.redact import redact_argv, redact_text
 
 CODE_FOLDERS = ("pipelines", "models", "kernels")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -99,18 +101,32 @@ async def _stream_logs(client, job_id: str, echo) -> None:
         echo(chunk, nl=False)
 
 
+def follow_hint(address: str, job_id: str, token_path: str | None, token: str | None) -> list[str]:
+    """Ray CLI commands that follow or stop the job (they need the token in their
+    environment when the cluster has token auth)."""
+    env = ""
+    if token:
+        env = "RAY_AUTH_MODE=token "
+        env += f"RAY_AUTH_TOKEN_PATH={shlex.quote(token_path)} " if token_path else ""
+    where = f"--address {shlex.quote(redact_text(address))} {job_id}"
+    return [f"follow it: {env}ray job logs --follow {where}", f"stop it:   {env}ray job stop {where}"]
+
+
 def submit(
     address: str,
     command: list[str],
     runtime_env_file: str | None = None,
     token_path: str | None = None,
     echo=click.echo,
-    follow: bool = True,
+    wait: bool = True,
 ) -> tuple[str, str]:
-    """Submit `uniloom <command>`; returns (job id, final status name)."""
+    """Submit `uniloom <command>`; returns (job id, status name). With `wait`, logs
+    stream until the job ends and the status is the final one; without, the call returns
+    right after submission with the job's status then (PENDING, usually)."""
     if not command:
         raise UniloomError("nothing to submit: give the uniloom command after `--`")
-    client = _client(address, auth_token(token_path))
+    token = auth_token(token_path)
+    client = _client(address, token)
     runtime_env = load_runtime_env(runtime_env_file)
     env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", **runtime_env.pop("env_vars", {})}
     with tempfile.TemporaryDirectory(prefix="uniloom-submit-") as tmp:
@@ -122,9 +138,13 @@ def submit(
         }
         entrypoint = " ".join(["python", "-m", "uniloom.pipelines.cli", *map(shlex.quote, command)])
         job_id = _submit_when_ready(client, entrypoint, runtime_env)
-    echo(f"submitted job {job_id}: {entrypoint}")
-    if follow:
-        asyncio.run(_stream_logs(client, job_id, echo))
+    shown = " ".join(["python", "-m", "uniloom.pipelines.cli", *map(shlex.quote, redact_argv(command))])
+    echo(f"submitted job {job_id}: {shown}")
+    if not wait:
+        for line in follow_hint(address, job_id, token_path, token):
+            echo(line)
+        return job_id, client.get_job_status(job_id).value
+    asyncio.run(_stream_logs(client, job_id, echo))
     status = client.get_job_status(job_id)
     while not status.is_terminal():
         time.sleep(1)

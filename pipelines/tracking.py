@@ -1,11 +1,14 @@
 """MLflow set-up shared by every stage: where the store is, failing fast when a remote
-tracking server is unreachable, and runs nested under the workflow's parent run."""
+tracking server is unreachable, and runs nested under the workflow's parent run. What
+reaches MLflow from here (params, tags, error messages) has its secrets redacted."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 from uniloom.pipelines.config import UniloomConfig, flatten, to_dict
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.redact import redact, redact_text
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -26,15 +30,33 @@ def tracking_uri(cfg: UniloomConfig) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """A remote server must answer its health check within `timeout` seconds."""
+    """A remote server must answer its health check within `timeout` seconds. Userinfo
+    in the URI (`https://user:password@host`) is sent as basic auth, as MLflow sends it."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(
+        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
+    )
+    if parts.username is not None:
+        userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(userinfo.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             resp.read()
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UniloomError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = redact_text(str(getattr(e, "reason", e)))
+        raise UniloomError(f"MLflow tracking server {redact_text(uri)} is unreachable: {reason}") from None
+
+
+def use_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri`, and no "View run at <uri>" links printed by MLflow
+    when the URI holds credentials (it prints the URI whole)."""
+    import mlflow
+
+    if redact_text(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
 
 
 def configure(cfg: UniloomConfig) -> str:
@@ -45,7 +67,7 @@ def configure(cfg: UniloomConfig) -> str:
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(cfg.workspace).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and subprocesses inherit it
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
@@ -68,10 +90,11 @@ def pinned_requirements(*names: str) -> list[str]:
 
 
 def log_config(cfg: UniloomConfig) -> None:
-    """The flattened config as run params (MLflow caps a value at 6000 characters)."""
+    """The flattened config, secrets redacted, as run params (MLflow caps a value at
+    6000 characters)."""
     import mlflow
 
-    params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
+    params = {k: str(v)[:6000] for k, v in flatten(redact(to_dict(cfg))).items()}
     keys = sorted(params)
     for i in range(0, len(keys), 100):
         mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
@@ -85,6 +108,7 @@ def stage_run(cfg: UniloomConfig, name: str, tags: dict[str, Any] | None = None)
 
     configure(cfg)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, nested=nested, tags={"uniloom.stage": name, **(tags or {})}) as run:
+    tags = {"uniloom.stage": name, **redact(tags or {})}
+    with mlflow.start_run(run_name=name, nested=nested, tags=tags) as run:
         log_config(cfg)
         yield run

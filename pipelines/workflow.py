@@ -2,8 +2,10 @@
 its fingerprint is unchanged.
 
 A stage's fingerprint hashes the config sections it reads, the fingerprints of the
-stages it depends on, and the code version, so changing one filter reruns the data stage
-and what depends on it, and nothing before it; a stage that runs again (forced, or its outputs gone) reruns its
+stages it depends on, and the code it runs (its `run` function and the uniloom modules that
+reaches: pipelines/codehash.py), so changing one filter reruns the data stage and what
+depends on it, and nothing before it, and editing an evaluation module reruns eval and
+what follows only; a stage that runs again (forced, or its outputs gone) reruns its
 dependents too. State lives in
 `<workspace>/workflow.json`, written atomically after each stage, so a run that dies
 keeps every stage it finished. One MLflow parent run covers an invocation; every stage
@@ -18,10 +20,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from uniloom.pipelines.codehash import Sources
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.errors import UniloomError
 
@@ -43,18 +45,10 @@ class Stage:
     description: str = ""
 
 
-def code_version() -> str:
-    """The installed version plus a hash of the package's source files."""
-    import uniloom.pipelines
-
-    root = Path(uniloom.pipelines.__file__).resolve().parent.parent
-    digest = hashlib.sha256(metadata.version("uniloom").encode())
-    for folder in ("pipelines", "models", "kernels"):
-        for path in sorted((root / folder).rglob("*")):
-            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def code_fingerprint(run: Callable, sources: Sources | None = None) -> str:
+    """Fingerprint of the code a stage's `run` runs. This runner is left out: it decides
+    whether a stage runs, not what the stage computes."""
+    return (sources or Sources()).function(run, exclude=(__name__,))[0]
 
 
 def _select(cfg_dict: dict[str, Any], key: str) -> Any:
@@ -64,13 +58,13 @@ def _select(cfg_dict: dict[str, Any], key: str) -> Any:
     return value
 
 
-def fingerprint(stage: Stage, cfg: UniloomConfig, upstream: dict[str, str], version: str) -> str:
+def fingerprint(stage: Stage, cfg: UniloomConfig, upstream: dict[str, str], code: str) -> str:
     data = to_dict(cfg)
     payload = {
         "stage": stage.name,
         "config": {key: _select(data, key) for key in stage.sections},
         "upstream": {name: upstream[name] for name in stage.depends},
-        "code": version,
+        "code": code,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -131,7 +125,7 @@ def run_workflow(
     workspace = Path(cfg.workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     state = State(workspace)
-    version = code_version()
+    sources = Sources()
     configure(cfg)
     reports: list[StageReport] = []
     results: dict[str, StageResult] = {}
@@ -140,7 +134,7 @@ def run_workflow(
     with mlflow.start_run(run_name=f"workflow-{cfg.preset}", tags={"uniloom.workflow": cfg.preset}) as parent:
         log_config(cfg)
         for stage in stages:
-            fp = fingerprint(stage, cfg, fingerprints, version)
+            fp = fingerprint(stage, cfg, fingerprints, code_fingerprint(stage.run, sources))
             fingerprints[stage.name] = fp
             # A dependency that ran again made new outputs, even with an unchanged config.
             rerun = stage.name in force or any(d in ran for d in stage.depends)

@@ -8,13 +8,20 @@ with the trained MingTok) -> train (the unified model's recipe) -> eval -> regis
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
-from uniloom.pipelines.config import UniloomConfig
-from uniloom.pipelines.workflow import Stage, StageResult
+from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.workflow import Stage, StageResult, code_fingerprint
 
 MINGTOK_NAME = "uniloom-mingtok"
 UNIVISION_NAME = "uniloom-univision"
+# train: keys that decide where a run is stored, what is kept and reported, and the Ray
+# resources it asks, not its weights
+NOT_WEIGHTS = ("shards", "run_name", "storage", "export", "register", "max_failures", "keep_checkpoints",
+               "log_every", "cpus_per_worker", "read_cpus", "bind_cores")  # fmt: skip
 
 
 def _root(cfg: UniloomConfig) -> Path:
@@ -81,20 +88,49 @@ def _data(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     return StageResult(outputs={"shards": output}, metrics=metrics)
 
 
-def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
-    from uniloom.pipelines.train.trainer import train
+def shards_fingerprint(uri: str, storage_options: dict[str, Any]) -> str:
+    """Hash of the per-shard fingerprints in a data run's manifest (each covers the shard's
+    input, the data config, both tokenizers and the code that made its rows)."""
+    from uniloom.pipelines.data.manifest import Manifest
 
+    entries = Manifest.load(uri, storage_options).shards
+    blob = json.dumps({sid: entry["fingerprint"] for sid, entry in entries.items()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_run_name(cfg: UniloomConfig) -> str:
+    """The Ray Train run of `uniloom run`: the same for the same inputs, so a workflow that
+    died mid-training resumes it; another one when anything that decides the weights
+    changed (model and train config, the shards, the MingTok, the code the train stage
+    runs), so a changed config never meets an old run's finished checkpoints."""
+    from uniloom.pipelines.train.trainer import effective_config, run_name, shards_uri
+
+    identity = {
+        "model": to_dict(cfg.model),
+        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_WEIGHTS},
+        "shards": shards_fingerprint(shards_uri(cfg), cfg.data.storage_options),
+        "mingtok": effective_config(cfg)[1],
+        "code": code_fingerprint(_train),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"{run_name(cfg)}-{digest[:12]}"
+
+
+def train_config(cfg: UniloomConfig, done: dict[str, StageResult]) -> UniloomConfig:
+    """The config the train stage trains with: the upstream stages' shards and MingTok,
+    and, unless `train.run_name` is set, the run `train_run_name` names."""
     cfg = copy.deepcopy(cfg)
     cfg.train.shards = done["data"].outputs["shards"]
     cfg.data.tokenizer_weights = done["tokenizer"].outputs["weights"]
     if not cfg.train.run_name:
-        # One Ray Train run per MingTok: rerun on the same shards (a workflow that died
-        # mid-training) it resumes; shards of a retrained MingTok start a run of their own
-        # instead of meeting the old run's checkpoints.
-        from uniloom.pipelines.train.trainer import effective_config, run_name
+        cfg.train.run_name = train_run_name(cfg)
+    return cfg
 
-        cfg.train.run_name = f"{run_name(cfg)}-{effective_config(cfg)[1][:8]}"
-    summary = train(cfg, stage=None, echo=_echo)
+
+def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
+    from uniloom.pipelines.train.trainer import train
+
+    summary = train(train_config(cfg, done), stage=None, echo=_echo)
     metrics = _numbers(
         summary, ("loss_first", "loss_last", "global_step", "tokens_per_s", "registered_version")
     )

@@ -1,14 +1,19 @@
-"""infra/ manifests parse, and every preset, command and file they name exists."""
+"""infra/ manifests parse, every preset, command and file they name exists, and they are
+secure by default: no secret written into them, no Ray dashboard open beyond loopback
+without token auth."""
 
+import copy
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from uniloom.pipelines.config import preset_names
+from uniloom.pipelines.redact import is_secret_key
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -63,9 +68,134 @@ def test_cluster_launcher_and_mlflow_server():
     launcher = _docs(INFRA / "cluster-launcher.yaml")[0]
     assert launcher["head_node_type"] in launcher["available_node_types"]
     kinds = {d["kind"]: d for d in _docs(INFRA / "mlflow" / "mlflow.yaml")}
-    assert {"Deployment", "StatefulSet", "Service", "Secret"} <= set(kinds)
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap"} <= set(kinds)
     args = " ".join(kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "postgresql://" in args and "s3://" in args and "--app-name=basic-auth" in args
+    env = {e["name"]: e for e in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_REFERENCE = re.compile(r"\$\(\w+\)|\$\{\w+\}|\$\w+|[~./].*")  # env var or a path to a file
+
+
+def _literal(value) -> bool:
+    """A value written into the file, not a reference to the environment or a file."""
+    text = str(value).strip()
+    return (
+        not isinstance(value, (dict, list, bool))
+        and value is not None
+        and text not in ("", "...")
+        and not _REFERENCE.fullmatch(text)
+    )
+
+
+def committed_secrets(doc) -> list[str]:
+    """Where a manifest writes a secret value itself: a Secret with inline data, a
+    secret-named key or env entry with a literal value, an ini/env line inside a string,
+    a password in a URI."""
+    found: list[str] = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("kind") == "Secret" and (node.get("data") or node.get("stringData")):
+                found.append(f"{path}Secret with inline data")
+            if is_secret_key(str(node.get("name", ""))) and _literal(node.get("value")):
+                found.append(f"{path}{node['name']}")
+            for key, value in node.items():
+                if is_secret_key(str(key)) and _literal(value):
+                    found.append(f"{path}{key}")
+                walk(value, f"{path}{key}.")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}{i}.")
+        elif isinstance(node, str):
+            for m in re.finditer(r"^\s*([\w.-]+)\s*[=:]\s*(\S.*?)\s*$", node, re.M):
+                if is_secret_key(m[1]) and _literal(m[2]):
+                    found.append(f"{path}{m[1]}")
+            for m in re.finditer(r"://[^/\s:@]+:([^@/\s]+)@", node):
+                if _literal(m[1]):
+                    found.append(f"{path}password in a URI")
+
+    walk(doc, "")
+    return found
+
+
+def _launcher_commands(launcher: dict) -> list[str]:
+    return [
+        c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in launcher.get(key, [])
+    ]
+
+
+def open_dashboards(doc: dict) -> list[str]:
+    """Ray dashboards that listen beyond loopback without token auth, in a cluster
+    launcher config, a RayCluster or a RayJob."""
+    found = []
+    for command in _launcher_commands(doc):
+        if "ray start" in command and "--head" in command:
+            host = re.search(r"--dashboard-host[= ](\S+)", command)
+            if (host[1] if host else "localhost") not in LOOPBACK and "RAY_AUTH_MODE=token" not in command:
+                found.append(command)
+    spec = doc.get("spec", {})
+    spec = spec.get("rayClusterSpec", spec) if doc.get("kind") == "RayJob" else spec
+    if doc.get("kind") in ("RayCluster", "RayJob"):
+        host = (
+            spec["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host", "0.0.0.0")
+        )  # KubeRay's default
+        containers = [
+            c for group in (spec["headGroupSpec"], *spec.get("workerGroupSpecs", []))
+            for c in group["template"]["spec"]["containers"]
+        ]  # fmt: skip
+        env_auth = all({"name": "RAY_AUTH_MODE", "value": "token"} in c.get("env", []) for c in containers)
+        if host not in LOOPBACK and spec.get("authOptions", {}).get("mode") != "token" and not env_auth:
+            found.append(f"{doc['kind']} {doc['metadata']['name']}")
+    return found
+
+
+def _manifests():
+    return [(path, doc) for path in sorted(INFRA.rglob("*.yaml")) for doc in _docs(path)]
+
+
+def test_no_manifest_commits_a_secret():
+    for path, doc in _manifests():
+        assert committed_secrets(doc) == [], path
+
+
+def test_no_dashboard_is_open_beyond_loopback_without_token_auth():
+    for path, doc in _manifests():
+        assert open_dashboards(doc) == [], path
+    launcher = _docs(INFRA / "cluster-launcher.yaml")[0]
+    starts = [c for c in _launcher_commands(launcher) if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)  # every node
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "kind: Secret\nmetadata: {name: a}\nstringData: {basic_auth.ini: x}",
+        "data:\n  basic_auth.ini: |\n    [mlflow]\n    admin_password = change-me-at-first-login",
+        "env:\n  - {name: POSTGRES_PASSWORD, value: hunter2}",
+        "env_vars: {AWS_SECRET_ACCESS_KEY: abc123}",
+        "args: [--backend-store-uri=postgresql://mlflow:hunter2@db:5432/mlflow]",
+    ],
+)
+def test_the_secret_check_catches_committed_secrets(text):
+    assert committed_secrets(yaml.safe_load(text))
+
+
+def test_the_dashboard_check_catches_an_open_dashboard():
+    launcher = {"head_start_ray_commands": ["ray start --head --port=6379 --dashboard-host=0.0.0.0"]}
+    assert open_dashboards(launcher)
+    cluster = _docs(INFRA / "kuberay" / "raycluster.yaml")[0]
+    unauthenticated = copy.deepcopy(cluster)
+    del unauthenticated["spec"]["authOptions"]
+    assert open_dashboards(unauthenticated) and not open_dashboards(cluster)
+    job = copy.deepcopy(_docs(INFRA / "kuberay" / "rayjob.yaml")[0])
+    del job["spec"]["rayClusterSpec"]["authOptions"]
+    assert open_dashboards(job)
 
 
 def test_runtime_env_is_valid_for_ray():

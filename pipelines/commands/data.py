@@ -19,6 +19,8 @@ def data() -> None:
 def _log_run(summary: dict) -> None:
     import mlflow
 
+    from uniloom.pipelines.redact import redact
+
     rows = summary["rows"]
     metrics = {
         "rows_read": rows["read"],
@@ -32,7 +34,7 @@ def _log_run(summary: dict) -> None:
         **{f"shards_{k}": v for k, v in summary["shards"].items()},
     }
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    mlflow.log_dict(summary, "data_summary.json")
+    mlflow.log_dict(redact(summary), "data_summary.json")
 
 
 def _table(summary: dict) -> dict:
@@ -66,7 +68,8 @@ def run_command(inputs: tuple[str, ...], output: str, cfg, as_json: bool) -> Non
     from uniloom.pipelines.data.runner import preflight, run
     from uniloom.pipelines.tracking import stage_run
 
-    preflight(cfg, list(inputs))  # bad weights or inputs fail before any run is recorded
+    # bad weights, inputs or a busy output fail before any run is recorded
+    preflight(cfg, list(inputs), output)
 
     def committed(shard_id: str, rows: dict) -> None:
         dropped = sum(rows["filtered"].values())

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from uniloom.pipelines.config import UniloomConfig, load_config, preset_names
+from uniloom.pipelines.redact import redact, redact_text
 
 
 def config_options(func):
@@ -45,8 +46,15 @@ def progress(length: int, label: str):
     return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
 
 
+def note(line: str) -> None:
+    """A progress line on stderr, secrets redacted (stages echo URIs they were given)."""
+    click.echo(redact_text(line), err=True)
+
+
 def emit(summary: dict[str, Any], as_json: bool) -> None:
-    """Print the summary: a table for people, or one JSON object as the last line."""
+    """Print the summary, secrets redacted: a table for people, or one JSON object as
+    the last line."""
+    summary = redact(summary)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
         return

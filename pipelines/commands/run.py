@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from uniloom.pipelines.commands.options import config_options, emit, json_option
+from uniloom.pipelines.commands.options import config_options, emit, json_option, note
 from uniloom.pipelines.tracking import tracking_uri
 
 
@@ -31,14 +31,19 @@ def run(workspace: str | None, force: tuple[str, ...], cfg, as_json: bool) -> No
     if unknown:
         raise UniloomError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}")
     start = time.perf_counter()
-    reports, parent_run = run_workflow(cfg, stages, echo=lambda m: click.echo(m, err=True), force=force)
+    reports, parent_run = run_workflow(cfg, stages, echo=note, force=force)
     seconds = time.perf_counter() - start
     click.echo("", err=True)
     click.echo(f"{'stage':<12} {'status':<8} {'seconds':>8}  metrics", err=True)
     for r in reports:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.result.metrics.items()))
         click.echo(f"{r.name:<12} {r.status:<8} {r.seconds:>8.1f}  {metrics}", err=True)
-    summary = {
+    emit(summarize(cfg, reports, parent_run, seconds), as_json)
+
+
+def summarize(cfg, reports, parent_run: str | None, seconds: float) -> dict:
+    """The run's summary (emit redacts the tracking URI's credentials when printing)."""
+    return {
         "workspace": str(Path(cfg.workspace).resolve()),
         "mlflow_tracking_uri": tracking_uri(cfg),
         "mlflow_parent_run": parent_run,
@@ -48,4 +53,3 @@ def run(workspace: str | None, force: tuple[str, ...], cfg, as_json: bool) -> No
         "metrics": {f"{r.name}.{k}": v for r in reports for k, v in r.result.metrics.items()},
         "outputs": {f"{r.name}.{k}": v for r in reports for k, v in r.result.outputs.items()},
     }
-    emit(summary, as_json)

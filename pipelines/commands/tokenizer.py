@@ -6,12 +6,8 @@ from pathlib import Path
 
 import click
 
-from uniloom.pipelines.commands.options import apply_cli_values, config_options, emit, json_option
+from uniloom.pipelines.commands.options import apply_cli_values, config_options, emit, json_option, note
 from uniloom.pipelines.errors import UniloomError
-
-
-def _echo(line: str) -> None:
-    click.echo(line, err=True)
 
 
 @click.group()
@@ -39,7 +35,7 @@ def train(corpus, steps, max_minutes, num_workers, run_name, restart, cfg, as_js
         cfg, "tokenizer", corpus=corpus, steps=steps, max_minutes=max_minutes, num_workers=num_workers,
         run_name=run_name,
     )  # fmt: skip
-    emit(train_tokenizer(cfg, restart=restart, echo=_echo), as_json)
+    emit(train_tokenizer(cfg, restart=restart, echo=note), as_json)
 
 
 @tokenizer.command(name="eval")
@@ -60,10 +56,10 @@ def evaluate(weights, corpus, limit, cfg, as_json) -> None:
     model = load_mingtok(path)
     _, held = split_shards(cfg)
     samples = read_tars(held, model.cfg.image_size, limit=cfg.tokenizer.eval_limit or None)
-    _echo(f"scoring reconstructions of {len(samples.keys)} held-out images from {len(held)} shard(s)")
+    note(f"scoring reconstructions of {len(samples.keys)} held-out images from {len(held)} shard(s)")
     summary = {"weights": str(path), **reconstruction_metrics(model, samples)}
     t = cfg.tokenizer
-    _echo(f"linear probes: {t.probe_train} fitting and {t.probe_test} test single-object scenes")
+    note(f"linear probes: {t.probe_train} fitting and {t.probe_test} test single-object scenes")
     summary.update(probe_accuracy(model, cfg.corpus.seed, t.probe_train, t.probe_test))
     emit({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}, as_json)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from uniloom.pipelines.commands.options import config_options, emit, json_option
+from uniloom.pipelines.commands.options import config_options, emit, json_option, note
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train.trainer import ray_output_on_stderr
 
@@ -27,7 +27,7 @@ def train(stage: int | None, whole: bool, workers: int | None, cfg, as_json: boo
     if workers is not None and workers < 1:
         raise UniloomError("--workers must be at least 1")
     with ray_output_on_stderr():
-        summary = run(cfg, stage=stage, workers=workers, echo=lambda line: click.echo(line, err=True))
+        summary = run(cfg, stage=stage, workers=workers, echo=note)
     if not as_json:
         summary = {k: v for k, v in summary.items() if k != "loss_curve"}
     emit(summary, as_json)

@@ -2,19 +2,28 @@
 are collected until its marker says it is complete, then shards commit in id order:
 
   dedup against the global index -> write output, index, quarantine and filtered tables
-  under _tmp -> rename each into place -> record the shard in the manifest (the commit).
+  under names of their own -> record them in the manifest (the commit) -> delete the files
+  of the shard's previous entry.
 
-Output layout under OUT:
-  shards/<shard>.parquet       the dataset (one file per input shard)
-  _quarantine/<shard>.parquet  rows that could not be used: source, key, reason
-  _filtered/<shard>.parquet    rows a filter rejected: source, key, reason (the filter)
-  _index/<shard>.parquet       dedup hashes of the kept rows
-  _manifest.json, tokenizer/, _tmp/
+Every file is named by its shard and a hash of its bytes, so new files never replace the
+committed ones: a run killed before the manifest record leaves the old entry whole (its
+files untouched), and one killed after it leaves old files that no entry names, which
+`sweep` deletes at the start of the next run. The manifest entry lists each shard's files;
+once a run has ended, `shards/*.parquet` holds exactly the manifest's output files.
+
+Output layout under OUT (<shard> is the shard id made flat, <hash> its file's content hash):
+  shards/<shard>.<hash>.parquet       the dataset (one file per input shard)
+  _quarantine/<shard>.<hash>.parquet  rows that could not be used: source, key, reason
+  _filtered/<shard>.<hash>.parquet    rows a filter rejected: source, key, reason (the filter)
+  _index/<shard>.<hash>.parquet       dedup hashes of the kept rows
+  _manifest.json, _manifest/, _lock.json, tokenizer/, _tmp/
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uniloom.pipelines.data.dedup import DedupIndex, index_table
-from uniloom.pipelines.data.fs import join, replace, tmp_path
+from uniloom.pipelines.data.fs import is_local, join, replace, tmp_path
+from uniloom.pipelines.data.lock import OutputLock
 from uniloom.pipelines.data.manifest import Manifest, StageIdentity, output_name, shard_fingerprint
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.data.schema import REJECTED_SCHEMA, output_schema
@@ -80,8 +90,39 @@ def write_parquet(fs, root: str, table: pa.Table, path: str) -> None:
     replace(fs, tmp, path)
 
 
-def shard_paths(root: str, shard_id: str) -> dict[str, str]:
-    return {kind: join(root, folder, output_name(shard_id)) for kind, folder in TABLES.items()}
+def entry_files(shard_id: str, entry: dict[str, Any]) -> dict[str, str]:
+    """A manifest entry's files, relative to the output (entries of version-1 manifests
+    name only the output; their files have the shard's plain name)."""
+    if "files" in entry:
+        return entry["files"]
+    return {kind: f"{folder}/{output_name(shard_id)}" for kind, folder in TABLES.items()}
+
+
+def shard_paths(manifest: Manifest, shard_id: str) -> dict[str, str]:
+    """The paths of a committed shard's files, by kind (output, quarantine, ...)."""
+    files = entry_files(shard_id, manifest.shards[shard_id])
+    return {kind: join(manifest.root, rel) for kind, rel in files.items()}
+
+
+def write_named(fs, root: str, folder: str, shard_id: str, table: pa.Table) -> str:
+    """Write `table` as `folder/<shard>.<content hash>.parquet` unless that file exists
+    (the same bytes); returns the path relative to `root`."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=1024)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    rel = f"{folder}/{output_name(shard_id).removesuffix('.parquet')}.{digest}.parquet"
+    path = join(root, rel)
+    if fs.exists(path):
+        return rel
+    if is_local(fs):  # appears whole: a kill mid-write leaves only a file under _tmp
+        tmp = tmp_path(root, ".parquet")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        replace(fs, tmp, path)
+    else:  # one PUT: an object appears whole or not at all
+        fs.pipe_file(path, data)
+    return rel
 
 
 class Committer:
@@ -94,8 +135,10 @@ class Committer:
         index: DedupIndex,
         spec: OutputSpec,
         on_commit: Callable[[str, dict[str, Any]], None] | None = None,
+        lock: OutputLock | None = None,
     ):
         self.manifest, self.hashes, self.stage, self.index, self.spec = manifest, hashes, stage, index, spec
+        self.lock = lock
         self.buffers = {s.id: ShardBuffer(s) for s in todo}
         self.order = [s.id for s in todo]
         self.next = 0
@@ -138,20 +181,28 @@ class Committer:
         kept = ok.filter(pa.array(keep, pa.bool_()))
         rejected = self._rejected(shard, rows, ok, keep, dup_reasons)
         counts = self._counts(buf.expected, kept, rejected)
-        self._write(shard, kept, rejected)
+        files = self._write(shard, kept, rejected)
         self.index.add(shard.id, kept.column("sha").to_pylist(), phashes[keep])
-        self.manifest.shards[shard.id] = {
-            "source": shard.uri,
-            "format": shard.format,
-            "input_hash": self.hashes[shard.id],
-            "stage": dataclasses.asdict(self.stage),
-            "fingerprint": shard_fingerprint(self.hashes[shard.id], self.stage),
-            "output": f"{TABLES['output']}/{output_name(shard.id)}",
-            "rows": counts,
-            "dedup_against": sorted(owners - {shard.id}),
-            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        self.manifest.save()
+        old = self.manifest.shards.get(shard.id)
+        if self.lock is not None:
+            self.lock.check()
+        self.manifest.put(
+            shard.id,
+            {
+                "source": shard.uri,
+                "format": shard.format,
+                "input_hash": self.hashes[shard.id],
+                "stage": dataclasses.asdict(self.stage),
+                "fingerprint": shard_fingerprint(self.hashes[shard.id], self.stage),
+                "output": files["output"],
+                "files": files,
+                "rows": counts,
+                "dedup_against": sorted(owners - {shard.id}),
+                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+        if old is not None:
+            _delete(self.manifest, set(entry_files(shard.id, old).values()) - set(files.values()))
         self.committed.append(shard.id)
         if self.on_commit:
             self.on_commit(shard.id, counts)
@@ -182,10 +233,9 @@ class Committer:
             )
         return {"read": read, "written": kept.num_rows, "filtered": filtered, "quarantined": quarantined}
 
-    def _write(self, shard: InputShard, kept: pa.Table, rejected: dict[str, pa.Table]) -> None:
-        """Side tables first, the output last; the manifest (by the caller) commits them."""
+    def _write(self, shard: InputShard, kept: pa.Table, rejected: dict[str, pa.Table]) -> dict[str, str]:
+        """The shard's files under new names; the manifest (by the caller) commits them."""
         fs, root = self.manifest.fs, self.manifest.root
-        paths = shard_paths(root, shard.id)
         shas, phashes = kept.column("sha").to_pylist(), kept.column("phash").to_numpy(zero_copy_only=False)
         tables = {
             "quarantine": rejected["quarantine"],
@@ -193,8 +243,7 @@ class Committer:
             "index": index_table(kept.column("key").to_pylist(), shas, phashes),
             "output": output_table(kept, shard.uri, self.spec),
         }
-        for kind, table in tables.items():
-            write_parquet(fs, root, table, paths[kind])
+        return {kind: write_named(fs, root, TABLES[kind], shard.id, table) for kind, table in tables.items()}
 
 
 def output_table(kept: pa.Table, source: str, spec: OutputSpec) -> pa.Table:
@@ -232,27 +281,36 @@ def output_table(kept: pa.Table, source: str, spec: OutputSpec) -> pa.Table:
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
+def _delete(manifest: Manifest, rels: set[str]) -> None:
+    paths = [join(manifest.root, rel) for rel in sorted(rels)]
+    paths = [p for p in paths if manifest.fs.exists(p)]
+    if paths:
+        manifest.fs.rm(paths)
+
+
 def remove_shard(manifest: Manifest, shard_id: str) -> None:
     """An input disappeared: forget it in the manifest first, then delete its files."""
-    manifest.shards.pop(shard_id, None)
-    manifest.save()
-    for path in shard_paths(manifest.root, shard_id).values():
-        if manifest.fs.exists(path):
-            manifest.fs.rm(path)
+    entry = manifest.shards.get(shard_id)
+    if entry is None:
+        return
+    manifest.remove(shard_id)
+    _delete(manifest, set(entry_files(shard_id, entry).values()))
 
 
 def sweep(manifest: Manifest) -> int:
-    """Delete what a killed run left behind: temporary files, and table files that no
-    manifest entry owns (renamed into place just before the kill, never committed)."""
+    """Delete what a killed run left behind: temporary files, files written for a commit
+    that never happened, and files of replaced entries that were not deleted yet."""
     fs, root = manifest.fs, manifest.root
-    owned = {output_name(sid) for sid in manifest.shards}
-    removed = 0
+    owned = {join(root, rel) for sid, e in manifest.shards.items() for rel in entry_files(sid, e).values()}
+    stray = []
     for folder in ("_tmp", *TABLES.values()):
         path = join(root, folder)
-        if not fs.exists(path):
+        fs.invalidate_cache(path)
+        try:
+            listed = fs.ls(path, detail=False)
+        except FileNotFoundError:
             continue
-        for f in fs.ls(path, detail=False):
-            if folder == "_tmp" or f.rsplit("/", 1)[-1] not in owned:
-                fs.rm(f)
-                removed += 1
-    return removed
+        stray += [f for f in listed if folder == "_tmp" or f not in owned]
+    if stray:
+        fs.rm(stray)
+    return len(stray)

@@ -45,6 +45,9 @@ class DataConfig:
     caption_fields: list[str] = field(default_factory=lambda: ["caption", "txt", "text"])
     key_field: str = "key"  # Parquet/HF column with the sample key; absent: the row index
     max_pixels: int = 40_000_000  # decoded images above this are quarantined (decompression bombs)
+    # Bytes of one input file or tar member (image, caption, JSON); larger ones are not read
+    # and their row is quarantined, so a hostile shard cannot exhaust a reader's memory.
+    max_member_bytes: int = 64 << 20
     latent_dtype: Literal["float32", "float16"] = "float32"
     # MingTok encoding in fp32, bf16 autocast, or auto: bf16 on CUDA and on CPUs that run it
     # faster than fp32 (pipelines/precision.py)

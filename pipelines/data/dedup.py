@@ -10,9 +10,18 @@ Rule: the first committed occurrence wins, and within a run shards commit in id 
 rerun keeps the same rows as a clean run. A shard that lost rows to another records it
 (`dedup_against` in the manifest); if that owner is later reprocessed or removed, the
 planner reprocesses the loser too, so a picture never disappears with its owner.
+
+A redone shard that fails to read keeps its previous output, but the run deduplicated
+the other shards without its hashes (redone shards are not in the index). After the run,
+`stale_failures` names the failed shards whose previous output no longer agrees with the
+index; the runner withdraws those, and the kept ones' hashes join the index.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from graphlib import TopologicalSorter
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +89,19 @@ class DedupIndex:
             self._near(np.asarray(phashes, dtype=np.uint64), keep, reasons, owners)
         return keep, reasons, owners
 
+    def duplicates(self, shas: list[bytes], phashes: np.ndarray) -> int:
+        """How many of these rows duplicate a row of the index (not counting each other)."""
+        dup = np.zeros(len(shas), dtype=bool)
+        if self.exact:
+            dup |= np.array([sha in self.sha_owner for sha in shas], dtype=bool)
+        index, _ = self._all()
+        if self.near_bits >= 0 and len(index):
+            phashes = np.asarray(phashes, dtype=np.uint64)
+            for start in range(0, len(shas), CHUNK):
+                d = hamming(phashes[start : start + CHUNK], index)  # (chunk, index)
+                dup[start : start + CHUNK] |= d.min(axis=1) <= self.near_bits
+        return int(dup.sum())
+
     def _near(self, phashes: np.ndarray, keep: np.ndarray, reasons: list, owners: set[str]) -> None:
         index, owner_of = self._all()
         rows = np.flatnonzero(keep)
@@ -104,3 +126,38 @@ def index_table(keys: list[str], shas: list[bytes], phashes: np.ndarray) -> pa.T
         {"key": keys, "sha": pa.array(shas, pa.binary(16)), "phash": pa.array(phashes, pa.uint64())},
         schema=INDEX_SCHEMA,
     )
+
+
+def stale_failures(
+    index: DedupIndex,
+    entries: dict[str, dict[str, Any]],
+    failed: list[str],
+    changed: set[str],
+    read_index: Callable[[str], pa.Table],
+) -> dict[str, str]:
+    """After a run: the failed shards (redone, unreadable) whose previous entry in `entries`
+    must be withdrawn, with the reason. `index` holds what the run committed against, and
+    the done shards; `changed` are the shards it committed or removed.
+
+    A previous output may stay only if the index agrees with it: none of the shards it
+    lost duplicates to changed (the pictures it dropped might now have no owner), and none
+    of its rows duplicates a row that the run kept without knowing its hashes. Owners are
+    settled before the shards that lost to them; a kept output's hashes join `index`."""
+    pending = {sid: set(entries[sid].get("dedup_against", [])) for sid in failed if sid in entries}
+    order = TopologicalSorter({sid: owners & pending.keys() for sid, owners in pending.items()})
+    changed, withdrawn = set(changed), {}
+    for sid in order.static_order():
+        if owners := sorted(pending[sid] & changed):
+            withdrawn[sid] = f"it lost duplicates to {', '.join(owners)}, which changed in this run"
+        else:
+            table = read_index(sid)
+            shas, phashes = (
+                table.column("sha").to_pylist(),
+                table.column("phash").to_numpy(zero_copy_only=False),
+            )
+            if not (n := index.duplicates(shas, phashes)):
+                index.add(sid, shas, phashes)
+                continue
+            withdrawn[sid] = f"{n} of its rows duplicate rows that this run's commits kept without its hashes"
+        changed.add(sid)
+    return dict(sorted(withdrawn.items()))

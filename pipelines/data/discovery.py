@@ -1,10 +1,19 @@
 """Finding the input shards under one or more URLs, and the content hash of each shard
-(the input part of its fingerprint)."""
+(the input part of its fingerprint).
+
+Some files under an input are left out on purpose: paths with a component starting with
+`.` or `_` (hidden files, the `_SUCCESS`/`_temporary` of Spark and pyarrow, our own output
+folders), and data files that belong to no shard of the input's format (a Parquet file
+among webdataset tars, an image outside every imagefolder). Each is counted by reason and
+logged, and the run summary reports the counts as `skipped_paths`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +23,8 @@ from uniloom.pipelines.data.readers import IMAGE_EXTS, InputShard
 from uniloom.pipelines.errors import UniloomError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+HIDDEN = "hidden: a path component starts with '.' or '_'"
+log = logging.getLogger(__name__)
 
 
 def _ext(path: str) -> str:
@@ -22,6 +33,15 @@ def _ext(path: str) -> str:
 
 def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _data_like(path: str) -> bool:
+    """A file some input format would read: worth reporting when no shard takes it."""
+    return (
+        path.endswith((*TAR_SUFFIXES, ".parquet", ".arrow"))
+        or _ext(path) in IMAGE_EXTS
+        or posixpath.basename(path) == "metadata.jsonl"
+    )
 
 
 def detect(files: list[str], uri: str) -> str:
@@ -56,14 +76,19 @@ def _file_shards(suffixes: tuple[str, ...], skip: Callable[[str], bool] = lambda
 
 
 def _imagefolder_shards(files: dict[str, dict], root: str):
-    folders = sorted(posixpath.dirname(p) for p in files if posixpath.basename(p) == "metadata.jsonl")
-    out = []
-    for folder in folders:
-        members = [p for p in sorted(files) if p.startswith(folder + "/") and (
-            posixpath.basename(p) == "metadata.jsonl" or _ext(p) in IMAGE_EXTS
-        )]  # fmt: skip
-        out.append((posixpath.relpath(folder, root), folder, members))
-    return out
+    """One shard per folder with a metadata.jsonl: it and the images below it, each image
+    in the shard of its nearest such folder (as Hugging Face's imagefolder reads them)."""
+    folders = {posixpath.dirname(p) for p in files if posixpath.basename(p) == "metadata.jsonl"}
+    members: dict[str, list[str]] = {f: [posixpath.join(f, "metadata.jsonl")] for f in folders}
+    for p in sorted(files):
+        if _ext(p) not in IMAGE_EXTS:
+            continue
+        folder = posixpath.dirname(p)
+        while folder not in folders and folder not in (root, posixpath.dirname(folder)):
+            folder = posixpath.dirname(folder)
+        if folder in folders:
+            members[folder].append(p)
+    return [(posixpath.relpath(f, root), f, sorted(members[f])) for f in sorted(folders)]
 
 
 def _folder_shards(files: dict[str, dict], root: str):
@@ -86,25 +111,39 @@ SPLITTERS = {
 }
 
 
-def discover(inputs: list[str], cfg: DataConfig) -> list[InputShard]:
+def _skip(skipped: Counter, uri: str, reason: str, paths: list[str]) -> None:
+    if paths:
+        skipped[reason] += len(paths)
+        examples = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        log.warning("input %s: skipped %d path(s), %s (%s)", uri, len(paths), reason, examples)
+
+
+def discover(inputs: list[str], cfg: DataConfig, skipped: Counter | None = None) -> list[InputShard]:
     """Every input shard under `inputs`, sorted by id. Ids are paths relative to their
-    input (prefixed by the input's name when there are several), so they stay stable."""
+    input (prefixed by the input's name when there are several), so they stay stable.
+    Files left out are counted into `skipped` by reason, and logged."""
+    skipped = Counter() if skipped is None else skipped
     shards: dict[str, InputShard] = {}
     for uri in inputs:
         fs, path = open_fs(uri, cfg.storage_options)
         path = path.rstrip("/") or path
         if not fs.exists(path):
             raise UniloomError(f"input {uri} does not exist")
-        if fs.isfile(path):
+        if fs.isfile(path):  # named by the user: read whatever its name
             root, infos = posixpath.dirname(path), {path: fs.info(path)}
         else:
             root, infos = path, fs.find(path, detail=True)
-        infos = {p: i for p, i in infos.items() if not _hidden(posixpath.relpath(p, root))}
+            hidden = sorted(p for p in infos if _hidden(posixpath.relpath(p, root)))
+            _skip(skipped, uri, HIDDEN, [posixpath.relpath(p, root) for p in hidden])
+            infos = {p: i for p, i in infos.items() if not _hidden(posixpath.relpath(p, root))}
         fmt = cfg.format if cfg.format != "auto" else detect(list(infos), uri)
         prefix = posixpath.basename(root) if len(inputs) > 1 else ""
         found = SPLITTERS[fmt](infos, root)
         if not found:
             raise UniloomError(f"no {fmt} shards under {uri}")
+        used = {m for _, _, members in found for m in members}
+        unused = [posixpath.relpath(p, root) for p in sorted(infos) if p not in used and _data_like(p)]
+        _skip(skipped, uri, f"not part of any {fmt} shard", unused)
         for rel, where, members in found:
             sid = posixpath.join(prefix, rel) if prefix else rel
             if sid in shards:

@@ -33,6 +33,25 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
+def contained(folder: str, name: str) -> str:
+    """`folder`/`name` for a relative path read from the data (an imagefolder's file_name, a
+    Hugging Face image path). Raises ValueError, saying why, when `name` is empty, absolute,
+    a URL, or leads out of `folder` through `..`. Plain posix path arithmetic, so it holds
+    for object-store keys as well as local paths."""
+    if not name:
+        raise ValueError("empty path")
+    if "://" in name:
+        raise ValueError(f"{name!r} is a URL, not a path inside the dataset")
+    if name.startswith("/"):
+        raise ValueError(f"{name!r} is an absolute path, not a path inside the dataset")
+    base = posixpath.normpath(folder) if folder else ""
+    path = posixpath.normpath(posixpath.join(base, name))
+    prefix = "" if base in ("", ".") else base.rstrip("/") + "/"
+    if not path.startswith(prefix) or path in (base, ".") or path.split("/")[0] == "..":
+        raise ValueError(f"{name!r} does not lead to a file inside the dataset folder")
+    return path
+
+
 def tmp_path(root: str, suffix: str) -> str:
     """A fresh name under `root`/_tmp, on the same filesystem as the final place."""
     return join(root, "_tmp", f"{uuid.uuid4().hex}{suffix}")

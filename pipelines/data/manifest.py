@@ -3,8 +3,16 @@ made with, and its row counts; and the planner that compares it with the inputs.
 
 A shard's fingerprint covers (input shard content, stage config, text tokenizer, image
 tokenizer weights, code version). The manifest is the commit point: a shard's files are
-renamed into place first and the manifest (written whole, then renamed) records them
-after, so a run killed at any instant leaves either the old or the new state of a shard.
+written under new names first (pipelines/data/commit.py) and a manifest record naming them
+commits them, so a run killed at any instant leaves either the old or the new state.
+
+Storage, so that a commit costs the same however many shards are committed:
+  _manifest.json            snapshot: run-level records and every shard's entry, with the
+                            sequence number of the last log record it includes
+  _manifest/log/<seq>.json  one record per commit or removal since the snapshot
+Loading reads the snapshot and applies the newer records in order; `save` (at the start and
+end of a run) writes a new snapshot, then deletes the records it includes. A version-1
+manifest (the snapshot alone, rewritten on every commit) loads as it is.
 """
 
 from __future__ import annotations
@@ -23,17 +31,20 @@ from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.errors import UniloomError
 
 MANIFEST = "_manifest.json"
-VERSION = 1
+LOG = "_manifest/log"
+VERSION = 2
+READABLE = (1, 2)
 # Source files that decide what a row contains: editing one reprocesses every shard. The
 # MingTok and BPE configs and contents are fingerprinted as data (config hash, weights
 # hash, tokenizer hash), so only code that computes rows is listed.
 CODE = {
     "uniloom.pipelines.data": [
-        "readers.py", "stages.py", "filters.py", "images.py", "prepare.py", "schema.py",
+        "readers.py", "source.py", "stages.py", "filters.py", "images.py", "prepare.py", "schema.py",
         "dedup.py", "text_tokenizer.py", "image_tokenizer.py", "commit.py",
     ],
     "uniloom.pipelines.corpus": ["render.py", "scenes.py"],  # edit targets
-    "uniloom.models": ["mingtok.py"],  # the encoder
+    "uniloom.pipelines": ["precision.py"],  # the encoder's autocast
+    "uniloom.models": ["mingtok.py", "mingtok_config.py"],  # the encoder and the shapes it derives
 }  # fmt: skip
 
 
@@ -85,29 +96,109 @@ class Manifest:
         self.fs, self.root = open_fs(out, storage_options)
         self.uri = to_uri(self.fs, self.root)
         self.path = join(self.root, MANIFEST)
+        self.log = join(self.root, LOG)
         self.data: dict[str, Any] = {"version": VERSION, "shards": {}}
+        self.seq = 0  # the last log record applied or written
 
     @classmethod
     def load(cls, out: str, storage_options: dict[str, Any]) -> Manifest:
-        m = cls(out, storage_options)
-        if m.fs.exists(m.path):
-            try:
-                m.data = json.loads(m.fs.cat_file(m.path))
-            except ValueError as e:
-                raise UniloomError(f"{m.uri}/{MANIFEST} is not valid JSON ({e})") from None
-            if m.data.get("version") != VERSION:
+        for attempt in range(5):  # a running writer may compact between our reads: read again
+            m = cls(out, storage_options)
+            problem = m._read()
+            if problem is None:
+                return m
+            time.sleep(0.1 * (attempt + 1))
+        raise UniloomError(f"{m.uri}: {problem}")
+
+    def _read(self) -> str | None:
+        """Snapshot, then the newer records; what is wrong if they do not follow on from it."""
+        try:
+            blob = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            blob = None
+        if blob is not None:
+            self.data = self._json(self.path, blob)
+            if self.data.get("version") not in READABLE:
                 raise UniloomError(
-                    f"{m.uri}/{MANIFEST} has version {m.data.get('version')}, expected {VERSION}"
+                    f"{self.uri}/{MANIFEST} has version {self.data.get('version')}; this uniloom reads "
+                    f"versions {', '.join(map(str, READABLE))}"
                 )
-        return m
+            self.seq = self.data.get("log_seq", 0)
+        records = [(seq, path) for seq, path in self._records() if seq > self.seq]
+        seqs = [seq for seq, _ in records]
+        if seqs != list(range(self.seq + 1, self.seq + 1 + len(records))):
+            return f"the records in {LOG} do not follow on from its snapshot (record {self.seq}): {seqs[:5]}"
+        try:
+            blobs = self.fs.cat([path for _, path in records]) if records else {}
+        except FileNotFoundError as e:
+            return f"a record in {LOG} vanished while being read ({e})"
+        for seq, path in records:
+            self._apply(self._json(path, blobs[path]))
+            self.seq = seq
+        return None
+
+    def _json(self, path: str, blob: bytes) -> dict[str, Any]:
+        try:
+            return json.loads(blob)
+        except ValueError as e:
+            raise UniloomError(f"{to_uri(self.fs, path)} is not valid JSON ({e})") from None
+
+    def _records(self) -> list[tuple[int, str]]:
+        """(sequence number, path) of the log records, in order."""
+        self.fs.invalidate_cache(self.log)  # a listing cached earlier in this process is stale
+        try:
+            paths = self.fs.ls(self.log, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in paths:
+            name = path.rsplit("/", 1)[-1]
+            stem = name.removesuffix(".json")
+            if not (stem.isdigit() and name.endswith(".json")):
+                raise UniloomError(f"{to_uri(self.fs, path)} is not a manifest log record: remove it")
+            out.append((int(stem), path))
+        return sorted(out)
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        if record["op"] == "put":
+            self.shards[record["shard"]] = record["entry"]
+        else:
+            self.shards.pop(record["shard"], None)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """The commit: one small record, whatever the number of shards."""
+        seq = self.seq + 1
+        path = join(self.log, f"{seq:012d}.json")
+        write_atomic(self.fs, self.root, path, json.dumps(record, sort_keys=True).encode())
+        self.seq = seq
+        self._apply(record)
 
     @property
     def shards(self) -> dict[str, dict[str, Any]]:
         return self.data["shards"]
 
+    @property
+    def pending(self) -> bool:
+        """Records written since the last snapshot."""
+        return self.seq > self.data.get("log_seq", 0)
+
+    def put(self, shard_id: str, entry: dict[str, Any]) -> None:
+        """Commit a shard's entry (its files written first)."""
+        self._append({"op": "put", "shard": shard_id, "entry": entry})
+
+    def remove(self, shard_id: str) -> None:
+        self._append({"op": "remove", "shard": shard_id})
+
     def save(self) -> None:
+        """Write a snapshot with run-level changes and every record so far, then drop the
+        records it holds (a kill in between leaves records that loading skips)."""
+        self.data["version"] = VERSION
+        self.data["log_seq"] = self.seq
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_atomic(self.fs, self.root, self.path, json.dumps(self.data, indent=1, sort_keys=True).encode())
+        old = [path for seq, path in self._records() if seq <= self.seq]
+        if old:
+            self.fs.rm(old)
 
 
 @dataclass

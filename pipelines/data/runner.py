@@ -4,16 +4,18 @@ new and stale ones on Ray Data, and commit each shard as it completes.
     read task per shard -> blocks of data.exec.block_rows rows
       -> actor pool: Prepare (decode, filter, crop, hash, tokenize text), which Ray Data
          fuses with the MingTok encoder (latents, edit-target latents): one model per actor
-      -> driver: Committer (dedup, write, rename, manifest)
+      -> driver: Committer (dedup, write, manifest record, delete replaced files)
 
-Nothing starts Ray when nothing has to be processed, so an unchanged rerun costs only the
-listing and hashing of the inputs.
+One run at a time per output (pipelines/data/lock.py). Nothing starts Ray when nothing has
+to be processed, so an unchanged rerun costs only the listing and hashing of the inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -22,22 +24,28 @@ from uniloom.pipelines.config import UniloomConfig
 from uniloom.pipelines.data import text_tokenizer
 from uniloom.pipelines.data.commit import Committer, OutputSpec, remove_shard, shard_paths, sweep
 from uniloom.pipelines.data.config import DataConfig
-from uniloom.pipelines.data.dedup import DedupIndex
+from uniloom.pipelines.data.dedup import DedupIndex, stale_failures
 from uniloom.pipelines.data.discovery import content_hashes, discover
 from uniloom.pipelines.data.fs import open_fs, to_uri
 from uniloom.pipelines.data.image_tokenizer import fingerprint as image_fingerprint
 from uniloom.pipelines.data.image_tokenizer import resolve_weights
+from uniloom.pipelines.data.lock import OutputLock
 from uniloom.pipelines.data.manifest import Manifest, Plan, StageIdentity, code_version, config_hash, plan
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.errors import UniloomError
 
+log = logging.getLogger(__name__)
 
-def preflight(cfg: UniloomConfig, inputs: list[str]) -> None:
-    """The checks that need no work: weights exist and load, inputs exist and hold shards."""
+
+def preflight(cfg: UniloomConfig, inputs: list[str], output: str | None = None) -> None:
+    """The checks that need no work: weights exist and load, inputs exist and hold shards,
+    no other run is writing the output (`run` takes the output's lease itself)."""
     if not inputs:
         raise UniloomError("no --input given")
     resolve_weights(cfg)
     discover(inputs, cfg.data)
+    if output is not None:
+        OutputLock(output, cfg.data.storage_options).check_free()
 
 
 def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool = True) -> dict[str, Any]:
@@ -46,7 +54,8 @@ def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool 
     uri, weights, mingtok = resolve_weights(cfg)
     cfg = dataclasses.replace(cfg, mingtok=mingtok, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
     d = cfg.data
-    shards = discover(inputs, d)
+    skipped: Counter[str] = Counter()
+    shards = discover(inputs, d, skipped)
     hashes = content_hashes(shards, d.storage_options)
     manifest = Manifest.load(output, d.storage_options)
     text = text_tokenizer.resolve(d, manifest, shards, train)
@@ -64,17 +73,40 @@ def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool 
         "text": text,
         "stage": stage,
         "plan": plan(shards, hashes, stage, manifest),
+        "skipped_paths": dict(sorted(skipped.items())),
     }
 
 
-def _load_index(d: DataConfig, manifest: Manifest, done: list[str]) -> DedupIndex:
+def _read_index(manifest: Manifest, sid: str):
     import pyarrow.parquet as pq
 
+    with manifest.fs.open(shard_paths(manifest, sid)["index"], "rb") as f:
+        return pq.read_table(f)
+
+
+def _load_index(d: DataConfig, manifest: Manifest, done: list[str]) -> DedupIndex:
     index = DedupIndex(d.filters)
     for sid in done:  # committed, up-to-date shards only: redone ones re-enter at commit
-        with manifest.fs.open(shard_paths(manifest.root, sid)["index"], "rb") as f:
-            index.add_table(sid, pq.read_table(f))
+        index.add_table(sid, _read_index(manifest, sid))
     return index
+
+
+def withdraw_stale_failures(manifest: Manifest, p: Plan, committer: Committer) -> dict[str, str]:
+    """Failed shards whose previous output disagrees with what this run committed
+    (dedup.stale_failures) lose it; returns them with the reason."""
+    committed = set(committer.committed)
+    failed = [s.id for s in p.todo if s.id not in committed]
+    withdrawn = stale_failures(
+        committer.index,
+        manifest.shards,
+        failed,
+        committed | set(p.removed),
+        lambda sid: _read_index(manifest, sid),
+    )
+    for sid, why in withdrawn.items():
+        remove_shard(manifest, sid)
+        log.warning("shard %s failed, and its previous output was withdrawn: %s", sid, why)
+    return withdrawn
 
 
 def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committer) -> float:
@@ -135,6 +167,18 @@ def run(
     start = time.perf_counter()
     if not inputs:
         raise UniloomError("no --input given")
+    with OutputLock(output, cfg.data.storage_options) as lock:
+        return _run(cfg, inputs, output, on_commit, lock, start)
+
+
+def _run(
+    cfg: UniloomConfig,
+    inputs: list[str],
+    output: str,
+    on_commit: Callable[[str, dict[str, Any]], None] | None,
+    lock: OutputLock,
+    start: float,
+) -> dict[str, Any]:
     state = prepare_run(cfg, inputs, output)
     cfg = state["cfg"]
     d = cfg.data
@@ -148,7 +192,7 @@ def run(
         config={"preset": cfg.preset, "data": recorded, "mingtok": asdict(cfg.mingtok)},
         image_tokenizer={"weights": d.tokenizer_weights, "fingerprint": stage.image_tokenizer},
     )
-    manifest.save()
+    manifest.save()  # also folds in the records of a killed run
     spec = OutputSpec(
         image_size=cfg.mingtok.image_size,
         latent_shape=(cfg.mingtok.num_tokens, cfg.mingtok.latent_dim),
@@ -157,10 +201,14 @@ def run(
         image_tokenizer=stage.image_tokenizer,
     )
     index = _load_index(d, manifest, p.done) if p.todo else DedupIndex(d.filters)
-    committer = Committer(manifest, p.todo, state["hashes"], stage, index, spec, on_commit)
+    committer = Committer(manifest, p.todo, state["hashes"], stage, index, spec, on_commit, lock)
     ray_startup = execute(cfg, p.todo, state["text"], committer) if p.todo else 0.0
+    withdrawn = withdraw_stale_failures(manifest, p, committer)
+    if manifest.pending:
+        manifest.save()
     seconds = time.perf_counter() - start
-    return summarize(manifest, p, committer, seconds, ray_startup, swept)
+    summary = summarize(manifest, p, committer, seconds, ray_startup, swept)
+    return {**summary, "skipped_paths": state["skipped_paths"], "withdrawn": withdrawn}
 
 
 def summarize(manifest: Manifest, p: Plan, committer: Committer, seconds: float, startup: float, swept: int):

@@ -48,21 +48,36 @@ def shard_paths(corpus: str | Path) -> list[Path]:
     return paths
 
 
+def check_images(exts: dict[str, set[str]], where: str | Path) -> None:
+    """Every sample (key -> its member extensions) has an image: MingTok trains on images
+    only, and a sample without one is a broken corpus, never silently dropped."""
+    missing = sorted(k for k, found in exts.items() if not found & set(IMAGE_EXTS))
+    if missing:
+        names = ", ".join(f"{k} ({', '.join(sorted(exts[k])) or 'no members'})" for k in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UniloomError(
+            f"{where}: {len(missing)} sample(s) without an image ({'/'.join(IMAGE_EXTS)}): {names}{more}"
+        )
+
+
 def read_tars(paths: list[Path], size: int, limit: int | None = None) -> Samples:
     """Every sample (image + caption + JSON) of `paths`, decoded at `size`."""
     groups: dict[str, dict[str, bytes]] = {}
     for path in paths:
+        found: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(path) as tar:
                 for member in tar:
                     if member.isfile():
                         key, _, ext = member.name.partition(".")
-                        groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                        found.setdefault(key, {})[ext] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError) as e:
             raise UniloomError(f"{path}: not a readable tar ({e})") from None
+        check_images({k: set(files) for k, files in found.items()}, path)
+        groups.update(found)
         if limit and len(groups) >= limit:
             break
-    keys = sorted(k for k, files in groups.items() if any(e in files for e in IMAGE_EXTS))[:limit]
+    keys = sorted(groups)[:limit]
     images, captions, meta = [], [], []
     for key in keys:
         files = groups[key]

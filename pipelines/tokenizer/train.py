@@ -22,7 +22,7 @@ import numpy as np
 
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.errors import UniloomError
-from uniloom.pipelines.tokenizer.data import IMAGE_EXTS, decode_image, read_tars, shard_paths
+from uniloom.pipelines.tokenizer.data import IMAGE_EXTS, check_images, decode_image, read_tars, shard_paths
 
 
 def corpus_dir(cfg: UniloomConfig) -> Path:
@@ -42,10 +42,18 @@ def split_shards(cfg: UniloomConfig) -> tuple[list[Path], list[Path]]:
 
 
 def read_captions(paths: list[Path]) -> list[str]:
+    """The captions of the training tars, which are checked to give every sample an image
+    here, before training starts, rather than by a failing Ray Data task later."""
     captions = []
     for path in paths:
+        exts: dict[str, set[str]] = {}
         with tarfile.open(path) as tar:
-            captions += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+            for m in (m for m in tar if m.isfile()):
+                key, _, ext = m.name.partition(".")
+                exts.setdefault(key, set()).add(ext)
+                if m.name.endswith(".txt"):
+                    captions.append(tar.extractfile(m).read().decode())
+        check_images(exts, path)
     return captions
 
 
@@ -58,8 +66,8 @@ def build_dataset(paths: list[Path], size: int, caption_index: dict[str, int], m
         images, captions = [], []
         for i, key in enumerate(keys):
             ext = next((e for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
-            if ext is None:
-                continue
+            if ext is None:  # read_captions checked every training tar: the tar changed since
+                raise UniloomError(f"corpus sample {key} has no image ({'/'.join(IMAGE_EXTS)})")
             images.append(decode_image(batch[ext][i], size, f"{key}.{ext}"))
             text = batch["txt"][i]
             captions.append(caption_index[text.decode() if isinstance(text, bytes) else str(text)])

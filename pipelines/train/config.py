@@ -77,7 +77,7 @@ def check_llm_trains_first(stages: dict[str, StageConfig]) -> None:
 class TrainConfig:
     shards: str = ""  # output folder (URL) of `uniloom data run`; empty: <workspace>/data
     run_name: str = ""  # Ray Train run; rerunning the same name resumes it. Empty: univision-<preset>
-    # (in `uniloom run`: univision-<preset>-<MingTok fingerprint>, a new run for a retrained MingTok)
+    # (in `uniloom run`: univision-<preset>-<hash of what decides the weights>, workflow_stages.train_run_name)
     storage: str = ""  # Ray Train storage (local dir or fsspec/pyarrow URL); empty: <workspace>/ray_results
     export: str = ""  # consolidated safetensors; empty: <workspace>/univision/univision.safetensors
     register: bool = True  # register the export as MLflow model uniloom-univision

@@ -54,17 +54,17 @@ class ShardSet:
 
 def find_shards(uri: str, storage_options: dict[str, Any]) -> ShardSet:
     """The committed output shards of a data run (its manifest is the commit record)."""
-    import json
+    from uniloom.pipelines.data.commit import shard_paths
+    from uniloom.pipelines.data.manifest import Manifest
 
     fs, root = open_fs(uri, storage_options)
-    path = join(root, MANIFEST)
-    if not fs.exists(path):
+    if not fs.exists(join(root, MANIFEST)):
         raise UniloomError(f"{uri}: no {MANIFEST}; make the shards with `uniloom data run --output {uri}`")
-    manifest = json.loads(fs.cat_file(path))
-    entries = manifest.get("shards", {})
-    from uniloom.pipelines.data.commit import shard_paths
-
-    files = [shard_paths(root, sid)["output"] for sid in sorted(entries) if entries[sid]["rows"]["written"]]
+    manifest = Manifest.load(uri, storage_options)
+    entries = manifest.shards
+    files = [
+        shard_paths(manifest, sid)["output"] for sid in sorted(entries) if entries[sid]["rows"]["written"]
+    ]
     if not files:
         raise UniloomError(f"{uri}: the data run wrote no rows")
     image_fps = {entries[sid]["stage"]["image_tokenizer"] for sid in entries}
@@ -117,13 +117,16 @@ class TaskSampler:
     (evaluation asks each question first, right after the image). Editing trains the first
     1..R rounds of the row's chain, the count uniform, each round generated with the
     previous round's output in context. A sample longer than `seq_len` is skipped and
-    counted in `too_long`: the preset's seq_len is sized so that this stays rare."""
+    counted in `too_long`: the preset's seq_len is sized so that this stays rare. A row
+    that supports none of the stage's tasks (an editing-only mix, a row without an edit
+    chain) is skipped and counted in `no_task`; both are logged as training metrics."""
 
     def __init__(self, stage: StageConfig, t: TrainConfig, image_tokenizer: str):
         self.mix = {k: stage.mix.get(k, 0.0) for k in TASK_KINDS}
         self.seed, self.drop, self.vqa_share = t.seed, t.guidance_drop, t.vqa_share
         self.seq_len, self.image_tokenizer = t.seq_len, image_tokenizer
         self.too_long = 0
+        self.no_task = 0
 
     def rng(self, key: str, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
@@ -139,6 +142,7 @@ class TaskSampler:
         can_edit = bool(row["edit_latents"]) and bool(row["edit_instruction_ids"])
         weights = np.array([self.mix[k] if (k != "editing" or can_edit) else 0.0 for k in TASK_KINDS])
         if weights.sum() <= 0:
+            self.no_task += 1
             return None
         task = TASK_KINDS[rng.choice(len(TASK_KINDS), p=weights / weights.sum())]
         shape, dtype = row["latent_shape"], row["latent_dtype"]

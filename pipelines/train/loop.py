@@ -268,8 +268,9 @@ class StageRun:
         values = window.reduce(self.world)
         values["lr"] = self.engine.get_lr()[0]
         values["stage_index"] = list(self.t.stages).index(self.name)
-        # rows whose sample exceeds seq_len are skipped, never silently: counted here
+        # rows skipped (a sample over seq_len, no task of the mix), never silently: counted here
         values["samples_too_long"] = float(self.stream.sampler.too_long)
+        values["samples_no_task"] = float(self.stream.sampler.no_task)
         self.last_load = values["_expert_load"]
         self.last_rates = {k: values[k] for k in RATES}
         self.losses.append([self.global_step, self.name, round(values["loss"], 5)])

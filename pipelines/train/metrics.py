@@ -111,7 +111,9 @@ class RunLogger:
         if self.active:
             import mlflow
 
-            mlflow.set_tracking_uri(tracking_uri)
+            from uniloom.pipelines.tracking import use_tracking_uri
+
+            use_tracking_uri(tracking_uri)
             self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
     def metrics(self, values: dict[str, Any], step: int) -> None:

@@ -90,9 +90,27 @@ def expert_parallel_size(cfg: UniloomConfig, workers: int) -> int:
 
 
 def text_tokenizer(shards_uri_: str, storage_options: dict):
-    from uniloom.pipelines.data.text_tokenizer import load_from_output
+    """The BPE recorded beside the shards, refused unless it is the one every shard was
+    tokenized with (the manifest's record and the file can change under a later data run)."""
+    from uniloom.pipelines.data.manifest import Manifest
+    from uniloom.pipelines.data.text_tokenizer import fingerprint, load_from_output
 
-    return load_from_output(shards_uri_, storage_options)
+    tok = load_from_output(shards_uri_, storage_options)
+    fp = fingerprint(tok)
+    manifest = Manifest.load(shards_uri_, storage_options)
+    recorded = (manifest.data.get("text_tokenizer") or {}).get("fingerprint")
+    used = sorted({e["stage"]["text_tokenizer"] for e in manifest.shards.values()} - {fp})
+    problem = None
+    if recorded != fp:
+        problem = f"the manifest records text tokenizer {recorded}, but its file has fingerprint {fp}"
+    elif used:
+        problem = f"its shards were tokenized with text tokenizer {', '.join(used)}, not the recorded {fp}"
+    if problem:
+        raise UniloomError(
+            f"{manifest.uri}: {problem}; rerun `uniloom data run --output {shards_uri_}` to bring the "
+            "shards and their tokenizer together"
+        )
+    return tok
 
 
 def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ import yaml
 from uniloom.pipelines.config import CorpusConfig, load_config
 from uniloom.pipelines.corpus.synth import synthesize
 from uniloom.pipelines.data.image_tokenizer import save_random_weights
+from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.runner import run
+from uniloom.pipelines.errors import UniloomError
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +29,8 @@ UNILOOM = str(Path(sys.executable).with_name("uniloom"))
 
 def committed(out: Path) -> int:
     try:
-        return len(json.loads((out / "_manifest.json").read_text())["shards"])
-    except (FileNotFoundError, ValueError):
+        return len(Manifest.load(str(out), {}).shards)
+    except (FileNotFoundError, UniloomError):  # not started yet, or compacting as we read
         return 0
 
 
@@ -84,6 +86,7 @@ def test_a_killed_run_loses_and_duplicates_nothing(setup, ray_local, report):
     assert summary["errors"] == []
     assert summary["shards"]["up_to_date"] == at_kill
     assert summary["shards"]["processed"] == SHARDS - at_kill
+    assert "its process is gone" in (root / "rerun.log").read_text()  # the dead driver's lease
 
     clean_out = root / "clean"
     cfg = load_config("tiny", root / "config.yaml")

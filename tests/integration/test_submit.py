@@ -10,9 +10,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
-    yield c
-    c.stop()
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c.start()
+    finally:  # a cluster that failed to start still stops what it started
+        c.stop()
     assert c.pids() == []
 
 
@@ -85,3 +87,37 @@ def test_failing_job_exits_nonzero_and_bad_token_is_refused(cluster, cli, tmp_pa
     bad.write_text("0" * 64)
     refused = cli("submit", "--address", cluster.address, "--token-path", str(bad), "--", "corpus", "--help")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
+
+
+def test_no_wait_returns_while_the_job_runs_and_prints_how_to_follow_and_stop_it(cluster, cli, tmp_path):
+    """The job renders far more scenes than the test waits for: the call returns while it
+    runs, and the `ray job stop` line it printed stops it."""
+    import subprocess
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    result = cli(
+        "submit", "--address", cluster.address, "--token-path", str(cluster.token_path), "--no-wait", "--json",
+        "--", "corpus", "synth", "--out", str(tmp_path / "corpus"), "--num", "500000", "--shards", "1",
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    job_id = summary["job_id"]
+    assert summary["status"] in ("PENDING", "RUNNING")
+    client = JobSubmissionClient(
+        cluster.address, headers={"Authorization": f"Bearer {cluster.token_path.read_text()}"}
+    )
+    assert not client.get_job_status(job_id).is_terminal()
+    hints = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.endswith(job_id))
+    assert f"ray job logs --follow --address {cluster.address} {job_id}" in hints["follow it"]
+    bare_env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}  # the hint sets them
+    stop = subprocess.run(
+        hints["stop it"].strip(), shell=True, env=bare_env, capture_output=True, text=True, timeout=120
+    )
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    deadline = time.time() + 60
+    while client.get_job_status(job_id) != JobStatus.STOPPED and time.time() < deadline:
+        time.sleep(1)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED

@@ -2,8 +2,10 @@
 
 import io
 import json
+import logging
 import random
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from uniloom.pipelines.data.config import DataConfig
-from uniloom.pipelines.data.discovery import content_hashes, discover
+from uniloom.pipelines.data.discovery import HIDDEN, content_hashes, discover
 from uniloom.pipelines.data.readers import ShardError, read_shard
 from uniloom.pipelines.data.stages import OK, QUARANTINED
 from uniloom.pipelines.errors import UniloomError
@@ -171,4 +173,151 @@ def test_a_repeated_key_within_a_shard_is_quarantined(tmp_path):
         ("a", OK, None),
         ("b", OK, None),
         ("a", QUARANTINED, "duplicate key in the shard"),
+    ]
+
+
+# ---------------------------------------------------------------- hostile and odd inputs
+
+
+def tar_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind=tarfile.REGTYPE, target: str = ""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, target, len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_tar_links_escaping_names_and_oversized_members_quarantine_their_sample(tmp_path):
+    """Every key is one row, and every refused member names itself in its row's reason."""
+    big = b"x" * 5000
+    with tarfile.open(tmp_path / "hostile.tar", "w") as tar:
+        tar_member(tar, "good.png", image_bytes("red"))
+        tar_member(tar, "good.txt", b"red")
+        tar_member(tar, "link.png", kind=tarfile.SYMTYPE, target="/etc/passwd")
+        tar_member(tar, "link.txt", b"a caption")
+        tar_member(tar, "hard.png", kind=tarfile.LNKTYPE, target="good.png")
+        tar_member(tar, "captionlink.png", image_bytes("blue"))
+        tar_member(tar, "captionlink.txt", kind=tarfile.SYMTYPE, target="../../home/u/.ssh/id_rsa")
+        tar_member(tar, "../../escape.png", image_bytes("green"))
+        tar_member(tar, "/abs/path.png", image_bytes("green"))
+        tar_member(tar, "huge.png", big)
+        tar_member(tar, "huge.txt", b"a caption")
+        tar_member(tar, "dev.png", kind=tarfile.CHRTYPE)
+    cfg = DataConfig(max_member_bytes=4096)
+    rows = {r["key"]: r for r in rows_of(tmp_path / "hostile.tar", cfg)}
+    assert len(rows) == 8 and rows["good"]["status"] == OK
+    quarantined = {k: r["reason"] for k, r in rows.items() if r["status"] == QUARANTINED}
+    assert quarantined == {
+        "link": "member 'link.png' is a symbolic link, which is not followed",
+        "hard": "member 'hard.png' is a hard link, which is not followed",
+        "captionlink": "member 'captionlink.txt' is a symbolic link, which is not followed",
+        "../../escape": "member name '../../escape.png' leads outside the archive",
+        "/abs/path": "member name '/abs/path.png' leads outside the archive",
+        "huge": "member 'huge.png' (5000 bytes) is larger than max_member_bytes (4096 bytes)",
+        "dev": "member 'dev.png' is a character device, which is not followed",
+    }
+    assert all(r["image"] is None for r in rows.values() if r["status"] == QUARANTINED)
+
+
+def test_imagefolder_file_names_must_name_an_image_of_the_folder(tmp_path):
+    """Absolute, `..` and URL names are refused although the files they name exist and
+    are images; names with glob characters read exactly that file; an image that no line
+    names is a row without a caption."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(image_bytes("green"))
+    folder = tmp_path / "ds"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(image_bytes("red"))
+    (folder / "a[1].png").write_bytes(image_bytes("blue"))
+    (folder / "a1.png").write_bytes(image_bytes("grey"))
+    (folder / "sub" / "orphan.png").write_bytes(image_bytes("red"))
+    (folder / "notes.bin").write_bytes(image_bytes("red"))
+    names = ["a.png", "a[1].png", "sub/../a1.png", str(outside), "../outside.png", "file:///etc/x.png",
+             "notes.bin", "missing.png", ""]  # fmt: skip
+    lines = [json.dumps({"file_name": n, "text": f"line {i}"}) for i, n in enumerate(names)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    rows = rows_of(folder)
+    assert len(rows) == len(names) + 1  # every line, and the unnamed image
+    by_caption = {r["caption"]: r for r in rows}
+    assert [colour_of(by_caption[f"line {i}"]["image"]) for i in range(3)] == ["red", "blue", "grey"]
+    reasons = [by_caption[f"line {i}"]["reason"] for i in range(3, len(names))]
+    assert reasons == [
+        f"file_name refused: {str(outside)!r} is an absolute path, not a path inside the dataset",
+        "file_name refused: '../outside.png' does not lead to a file inside the dataset folder",
+        "file_name refused: 'file:///etc/x.png' is a URL, not a path inside the dataset",
+        "image file 'notes.bin' is not among the shard's image files",
+        "image file 'missing.png' is not among the shard's image files",
+        "file_name refused: empty path",
+    ]
+    (orphan,) = [r for r in rows if r["caption"] is None]
+    assert orphan["key"] == "sub/orphan" and orphan["status"] == QUARANTINED
+    assert orphan["reason"] == "image file 'sub/orphan.png' has no line in metadata.jsonl, so no caption"
+    assert all(r["image"] is None for r in rows if r["status"] == QUARANTINED)
+
+
+def test_hf_image_paths_outside_the_shard_folder_are_refused_and_sizes_capped(tmp_path):
+    (tmp_path / "secret.png").write_bytes(image_bytes("green"))
+    (tmp_path / "ds" / "pics").mkdir(parents=True)
+    (tmp_path / "ds" / "pics" / "a.png").write_bytes(image_bytes("red", size=(64, 64)))
+    (tmp_path / "ds" / "pics" / "big.png").write_bytes(image_bytes("red") + b"\0" * 5000)
+    paths = ["pics/a.png", "../secret.png", str(tmp_path / "secret.png"), "pics/big.png", None]
+    embedded = [None, None, None, None, image_bytes("blue") + b"\0" * 5000]
+    image = pa.StructArray.from_arrays([pa.array(embedded, pa.binary()), pa.array(paths)], ["bytes", "path"])
+    pq.write_table(pa.table({"image": image, "caption": list("abcde")}), tmp_path / "ds" / "data.parquet")
+    rows = rows_of(tmp_path / "ds" / "data.parquet", DataConfig(max_member_bytes=5000))
+    assert rows[0]["status"] == OK and colour_of(rows[0]["image"]) == "red"
+    assert [r["reason"] for r in rows[1:]] == [
+        "image path refused: '../secret.png' does not lead to a file inside the dataset folder",
+        f"image path refused: {str(tmp_path / 'secret.png')!r} is an absolute path, not a path inside the dataset",
+        "image is larger than max_member_bytes (5000 bytes)",
+        "image is larger than max_member_bytes (5000 bytes)",
+    ]
+    assert all(r["image"] is None and r["status"] == QUARANTINED for r in rows[1:])
+
+
+def test_plain_folder_orphan_captions_and_oversized_files_are_quarantined(tmp_path):
+    (tmp_path / "ok.png").write_bytes(image_bytes("red"))
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "lonely.txt").write_text("a caption without its image")
+    (tmp_path / "long.png").write_bytes(image_bytes("blue"))
+    (tmp_path / "long.txt").write_text("w" * 3000)
+    (tmp_path / "README.md").write_text("not a sample")
+    rows = {r["key"]: r for r in rows_of(tmp_path, DataConfig(max_member_bytes=2048))}
+    assert set(rows) == {"ok", "lonely", "long"} and rows["ok"]["status"] == OK
+    assert rows["lonely"]["reason"] == "no image file (has: lonely.txt)"
+    assert rows["long"]["reason"] == "file 'long.txt' is larger than max_member_bytes (2048 bytes)"
+
+
+def test_discovery_counts_and_logs_every_path_it_leaves_out(tmp_path, caplog):
+    root = tmp_path / "in"
+    (root / "_tmp").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    for path in ("a.tar", "_tmp/partial.tar", ".cache/b.tar", ".hidden.tar"):
+        with wds.TarWriter(str(root / path)) as sink:
+            sink.write({"__key__": "k", "png": image_bytes("red"), "txt": "x"})
+    pq.write_table(pa.table({"image": [image_bytes("red")], "caption": ["x"]}), root / "stray.parquet")
+    (root / "README.md").write_text("not data")
+    skipped = Counter()
+    with caplog.at_level(logging.WARNING, logger="uniloom.pipelines.data.discovery"):
+        shards = discover([str(root)], DataConfig(), skipped)
+    assert [s.id for s in shards] == ["a.tar"]
+    assert skipped == {HIDDEN: 3, "not part of any webdataset shard": 1}
+    assert "skipped 3 path(s), hidden" in caplog.text and "_tmp/partial.tar" in caplog.text
+    assert "skipped 1 path(s), not part of any webdataset shard (stray.parquet)" in caplog.text
+    (shard,) = discover([str(root / "_tmp" / "partial.tar")], DataConfig())  # named: read
+    assert shard.id == "partial.tar"
+
+
+def test_imagefolder_images_belong_to_their_nearest_metadata_folder(tmp_path):
+    for folder in ("ds/train", "ds/train/extra"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "a.png").write_bytes(image_bytes("red"))
+        (tmp_path / folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": folder}))
+    (tmp_path / "ds" / "loose.png").write_bytes(image_bytes("red"))
+    skipped = Counter()
+    shards = discover([str(tmp_path / "ds")], DataConfig(), skipped)
+    assert {s.id: len(s.files) for s in shards} == {"train": 2, "train/extra": 2}
+    assert skipped == {"not part of any imagefolder shard": 1}
+    rows = [r for s in shards for b in read_shard(s, DataConfig()) for r in b.to_pylist()]
+    assert sorted((r["key"], r["caption"], r["status"]) for r in rows) == [
+        ("a", "ds/train", OK),
+        ("a", "ds/train/extra", OK),
     ]

@@ -148,6 +148,19 @@ def test_mix_weights_and_what_a_row_supports(shard_file):
     assert TaskSampler(only, t, "m1")(no_edit, 0) is None
 
 
+def test_rows_without_a_task_of_the_mix_are_counted_and_the_stream_skips_them(shard_file):
+    """An editing-only stage: rows without an edit chain (every third) have no task; each
+    is counted (the training metric samples_no_task) and the stream goes on past it."""
+    t = train_cfg(guidance_drop=0.0)
+    sampler = TaskSampler(StageConfig(mix={"editing": 1.0}), t, "m1")
+    stream = Stream(FakeShard(shard_file), sampler, t, rank=0, start=Position())
+    batches = []
+    while (batch := stream.next_batch()) is not None:
+        batches.append(batch)
+    assert stream.exhausted and batches
+    assert sampler.no_task == N_ROWS // 3 and sampler.too_long == 0
+
+
 def test_latents_come_back_exactly_and_a_foreign_tokenizer_is_refused(shard_file):
     t = train_cfg()
     row = rows_of(shard_file)[0]

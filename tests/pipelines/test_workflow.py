@@ -1,4 +1,7 @@
-"""The workflow runner: fingerprints, skips, reruns downstream of a change, MLflow runs."""
+"""The workflow runner: fingerprints, skips, reruns downstream of a change, MLflow runs;
+the train stage's Ray Train run."""
+
+import copy
 
 import mlflow
 import pytest
@@ -6,6 +9,7 @@ import pytest
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.workflow import Stage, StageResult, run_workflow
+from uniloom.pipelines.workflow_stages import train_config
 
 
 def _stages(tmp_path, calls):
@@ -93,3 +97,76 @@ def test_uniloom_run_with_an_unreachable_tracking_server_fails_at_once(server, t
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "ws" / "corpus").exists()
+
+
+@pytest.fixture
+def train_inputs(tmp_path):
+    """The tiny config and what the train stage gets from upstream: MingTok weights and
+    a data run's manifest (one shard entry)."""
+    from uniloom.pipelines.data.image_tokenizer import save_random_weights
+
+    cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
+    weights = save_random_weights(cfg.mingtok, str(tmp_path / "mingtok.safetensors"))
+    shards = _manifest(tmp_path / "data", "0" * 16)
+    return cfg, {"tokenizer": StageResult({"weights": weights}), "data": StageResult({"shards": shards})}
+
+
+def _manifest(folder, shard_fingerprint: str) -> str:
+    from uniloom.pipelines.data.manifest import Manifest
+
+    manifest = Manifest(str(folder), {})
+    manifest.shards["shard-0"] = {"fingerprint": shard_fingerprint}
+    manifest.save()
+    return str(folder)
+
+
+def test_the_train_stage_runs_a_new_ray_train_run_when_what_decides_the_weights_changes(
+    train_inputs, tmp_path
+):
+    """A rerun with the same inputs resumes the same run; a changed train, model, shards or
+    MingTok gets a run of its own (the old run, finished, would train nothing and export
+    its old checkpoint under the new config); where the run is kept or whether it is
+    registered does not."""
+    from uniloom.pipelines.data.image_tokenizer import save_random_weights
+
+    cfg, done = train_inputs
+    name = train_config(cfg, done).train.run_name
+    assert name.startswith("univision-tiny-") and train_config(cfg, done).train.run_name == name
+
+    def run_name(edit) -> str:
+        c, d = copy.deepcopy(cfg), copy.deepcopy(done)
+        edit(c, d)
+        return train_config(c, d).train.run_name
+
+    def sft_steps(c, d):
+        c.train.stages["sft"].steps += 1
+
+    def init_std(c, d):
+        c.model.init_std *= 2
+
+    def seed(c, d):
+        c.train.seed += 1
+
+    def shards(c, d):
+        d["data"].outputs["shards"] = _manifest(tmp_path / "data2", "1" * 16)
+
+    def mingtok(c, d):
+        d["tokenizer"].outputs["weights"] = save_random_weights(
+            c.mingtok, str(tmp_path / "m2.safetensors"), 1
+        )
+
+    for edit in (sft_steps, init_std, seed, shards, mingtok):
+        assert run_name(edit) != name, edit.__name__
+
+    def operational(c, d):
+        c.train.register = False
+        c.train.export = str(tmp_path / "elsewhere.safetensors")
+        c.train.keep_checkpoints += 1
+        c.eval.scenes += 1
+
+    assert run_name(operational) == name
+
+    def explicit(c, d):
+        c.train.run_name = "mine"
+
+    assert run_name(explicit) == "mine"
