@@ -98,22 +98,44 @@ def shards_fingerprint(uri: str, storage_options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def train_identity(cfg: UniloomConfig, mingtok: str | None = None) -> dict[str, Any]:
+    """What decides the weights of the train stage, but the recipe's stages: the model
+    and train config, the shards, the MingTok (`mingtok`: its fingerprint, where the
+    caller has it), the code the train stage runs."""
+    from uniloom.pipelines.train.trainer import effective_config, shards_uri
+
+    skip = (*NOT_WEIGHTS, "stages")
+    return {
+        "model": to_dict(cfg.model),
+        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in skip},
+        "shards": shards_fingerprint(shards_uri(cfg), cfg.data.storage_options),
+        "mingtok": mingtok or effective_config(cfg)[1],
+        "code": code_fingerprint(_train),
+    }
+
+
+def stage_prefixes(cfg: UniloomConfig, mingtok: str | None = None) -> dict[str, str]:
+    """Per recipe stage, in order, the fingerprint of the weights at its end: the train
+    identity and the settings of that stage and the ones before it. A run that changes only
+    stage 3 keeps stages 1-2's, so it can start from another run's end of stage 2."""
+    identity = train_identity(cfg, mingtok)
+    prefixes, settings = {}, []
+    for name, stage in to_dict(cfg.train)["stages"].items():
+        settings.append([name, stage])
+        blob = json.dumps({**identity, "stages": settings}, sort_keys=True)
+        prefixes[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return prefixes
+
+
 def train_run_name(cfg: UniloomConfig) -> str:
     """The Ray Train run of `uniloom run`: the same for the same inputs, so a workflow that
     died mid-training resumes it; another one when anything that decides the weights
-    changed (model and train config, the shards, the MingTok, the code the train stage
-    runs), so a changed config never meets an old run's finished checkpoints."""
-    from uniloom.pipelines.train.trainer import effective_config, run_name, shards_uri
+    changed (the last stage's prefix fingerprint: model and train config, the shards, the
+    MingTok, the code the train stage runs), so a changed config never meets an old run's
+    finished checkpoints."""
+    from uniloom.pipelines.train.trainer import run_name
 
-    identity = {
-        "model": to_dict(cfg.model),
-        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_WEIGHTS},
-        "shards": shards_fingerprint(shards_uri(cfg), cfg.data.storage_options),
-        "mingtok": effective_config(cfg)[1],
-        "code": code_fingerprint(_train),
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return f"{run_name(cfg)}-{digest[:12]}"
+    return f"{run_name(cfg)}-{list(stage_prefixes(cfg).values())[-1][:12]}"
 
 
 def train_config(cfg: UniloomConfig, done: dict[str, StageResult]) -> UniloomConfig:
@@ -130,7 +152,9 @@ def train_config(cfg: UniloomConfig, done: dict[str, StageResult]) -> UniloomCon
 def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.train.trainer import train
 
-    summary = train(train_config(cfg, done), stage=None, echo=_echo)
+    cfg = train_config(cfg, done)
+    # per stage, so a new run starts after the longest recipe prefix an earlier run finished
+    summary = train(cfg, stage=None, echo=_echo, prefixes=stage_prefixes(cfg))
     metrics = _numbers(
         summary, ("loss_first", "loss_last", "global_step", "tokens_per_s", "registered_version")
     )

@@ -94,29 +94,53 @@ def tokenizer_bench(batch: int, iters: int, threads: int, cfg, as_json: bool) ->
     emit(summary, as_json)
 
 
+SCALE_SIZES = (100, 1000, 10000)
+
+
 @bench.command(name="data")
 @click.option(
     "--images", default=20000, show_default=True, help="Synthetic images (>= 10000 amortises start-up)."
 )
 @click.option(
-    "--shards", default=20, show_default=True, help="Input shards; one of them is changed for a rerun."
+    "--shards",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Input shards; one of them is changed for a rerun [default: 20]. With --scale: the shard "
+    f"counts to measure, repeatable [default: {', '.join(map(str, SCALE_SIZES))}].",
+)
+@click.option(
+    "--scale",
+    is_flag=True,
+    help="Measure the manifest and planning path alone (no decode or encode) at each --shards count of "
+    "small shards: no-op rerun seconds, seconds per shard, ms per commit.",
 )
 @click.option("--work", type=click.Path(file_okay=False), help="Working folder [default: a temporary one].")
 @config_options
 @json_option
-def data_bench(images: int, shards: int, work: str | None, cfg, as_json: bool) -> None:
+def data_bench(
+    images: int, shards: tuple[int, ...], scale: bool, work: str | None, cfg, as_json: bool
+) -> None:
     """Data stage: pipeline vs single-process ceiling images/s, unchanged and one-shard
-    reruns vs the full run, and the peak memory of the whole process tree."""
+    reruns vs the full run, and the peak memory of the whole process tree. With --scale:
+    how no-op rerun and commit times grow with the number of shards."""
     import tempfile
     from pathlib import Path
 
-    from uniloom.pipelines.data.bench import bench_data
+    from uniloom.pipelines.data.bench import bench_data, bench_scale, scale_table
 
     def echo(line: str) -> None:
         click.echo(line, err=True)
 
+    if not scale and len(shards) > 1:
+        raise click.UsageError("--shards is given once, except with --scale")
     with tempfile.TemporaryDirectory(prefix="uniloom-bench-data-") as tmp:
-        summary = bench_data(cfg, Path(work or tmp), images, shards, echo)
+        if scale:
+            summary = bench_scale(cfg, Path(work or tmp), list(shards or SCALE_SIZES), echo)
+            if not as_json:
+                click.echo(scale_table(summary))
+                return
+        else:
+            summary = bench_data(cfg, Path(work or tmp), images, shards[0] if shards else 20, echo)
     emit(summary, as_json)
 
 

@@ -38,7 +38,13 @@ import pyarrow.parquet as pq
 from uniloom.pipelines.data.dedup import DedupIndex, index_table
 from uniloom.pipelines.data.fs import is_local, join, replace, tmp_path
 from uniloom.pipelines.data.lock import OutputLock
-from uniloom.pipelines.data.manifest import Manifest, StageIdentity, output_name, shard_fingerprint
+from uniloom.pipelines.data.manifest import (
+    Manifest,
+    StageIdentity,
+    input_meta,
+    output_name,
+    shard_fingerprint,
+)
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.data.schema import REJECTED_SCHEMA, output_schema
 from uniloom.pipelines.data.stages import END, ERROR, FILTERED, OK, QUARANTINED
@@ -192,6 +198,7 @@ class Committer:
                 "source": shard.uri,
                 "format": shard.format,
                 "input_hash": self.hashes[shard.id],
+                "input_meta": input_meta(shard),
                 "stage": dataclasses.asdict(self.stage),
                 "fingerprint": shard_fingerprint(self.hashes[shard.id], self.stage),
                 "output": files["output"],

@@ -1,6 +1,14 @@
 """Finding the input shards under one or more URLs, and the content hash of each shard
 (the input part of its fingerprint).
 
+Hashing content is the cost of a rerun, so each shard also gets a metadata key from what
+the listing already returned (per file: size, mtime, ctime and inode for local files;
+ETag, version id or generation for object stores). The manifest keeps the key beside the
+content hash; a rerun hashes only the shards whose key moved, and reuses the recorded hash
+for the rest. Like make and rsync, this trusts that content does not change without its
+metadata moving (ctime cannot be set back by users, so a restored mtime is still seen).
+A file system whose listing has none of these hashes every time.
+
 Some files under an input are left out on purpose: paths with a component starting with
 `.` or `_` (hidden files, the `_SUCCESS`/`_temporary` of Spark and pyarrow, our own output
 folders), and data files that belong to no shard of the input's format (a Parquet file
@@ -19,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.fs import open_fs, to_uri
+from uniloom.pipelines.data.manifest import input_meta
 from uniloom.pipelines.data.readers import IMAGE_EXTS, InputShard
 from uniloom.pipelines.errors import UniloomError
 
@@ -149,8 +158,9 @@ def discover(inputs: list[str], cfg: DataConfig, skipped: Counter | None = None)
             if sid in shards:
                 raise UniloomError(f"two inputs have a shard named {sid}; give the inputs distinct names")
             stamps = tuple(_stamp(infos[m]) for m in members)
+            meta = tuple(_meta(infos[m]) for m in members)
             size = sum(int(infos[m].get("size") or 0) for m in members)
-            shards[sid] = InputShard(sid, to_uri(fs, where), fmt, tuple(members), size, stamps)
+            shards[sid] = InputShard(sid, to_uri(fs, where), fmt, tuple(members), size, stamps, meta)
     return [shards[k] for k in sorted(shards)]
 
 
@@ -162,12 +172,28 @@ def _stamp(info: dict) -> str:
     return ""
 
 
+# Listing fields that move when a file's content may have: local (fsspec's `created` is
+# st_ctime), S3, GCS, Azure.
+META_KEYS = ("mtime", "created", "ino", "ETag", "etag", "VersionId", "md5Hash", "generation", "LastModified",
+             "last_modified", "updated")  # fmt: skip
+
+
+def _meta(info: dict) -> str:
+    """A file's metadata from its listing, or '' when the listing has none to rely on."""
+    parts = [f"{k}={info[k]}" for k in META_KEYS if info.get(k) not in (None, "")]
+    return f"size={info.get('size')};" + ";".join(parts) if parts else ""
+
+
+def _relpaths(fs, shard: InputShard) -> list[str]:
+    base = posixpath.dirname(shard.files[0]) if len(shard.files) == 1 else fs._strip_protocol(shard.uri)
+    return [posixpath.relpath(path, base) for path in shard.files]
+
+
 def content_hash(shard: InputShard, storage_options: dict) -> str:
     fs, _ = open_fs(shard.uri, storage_options)
     h = hashlib.blake2b(digest_size=16)
-    base = posixpath.dirname(shard.files[0]) if len(shard.files) == 1 else fs._strip_protocol(shard.uri)
-    for path, stamp in zip(shard.files, shard.stamps):
-        h.update(f"{posixpath.relpath(path, base)}\0{stamp}\0".encode())
+    for path, rel, stamp in zip(shard.files, _relpaths(fs, shard), shard.stamps):
+        h.update(f"{rel}\0{stamp}\0".encode())
         if not stamp:
             with fs.open(path, "rb", block_size=8 << 20) as f:
                 while chunk := f.read(8 << 20):
@@ -175,8 +201,27 @@ def content_hash(shard: InputShard, storage_options: dict) -> str:
     return h.hexdigest()
 
 
-def content_hashes(shards: list[InputShard], storage_options: dict, threads: int = 8) -> dict[str, str]:
-    """Hash all shards, several at once (hashlib releases the GIL; object stores are I/O)."""
-    with ThreadPoolExecutor(threads) as pool:
-        hashes = pool.map(lambda s: content_hash(s, storage_options), shards)
-        return {s.id: h for s, h in zip(shards, hashes)}
+def content_hashes(
+    shards: list[InputShard],
+    storage_options: dict,
+    recorded: dict[str, dict] | None = None,
+    threads: int = 8,
+) -> dict[str, str]:
+    """Each shard's content hash: the one in its `recorded` manifest entry when the entry's
+    metadata key equals the shard's (nothing read), else hashed, several at once (hashlib
+    releases the GIL; object stores are I/O)."""
+    recorded = recorded or {}
+    out: dict[str, str] = {}
+    fresh = []
+    for s in shards:
+        entry, key = recorded.get(s.id) or {}, input_meta(s)
+        if key and entry.get("input_meta") == key and entry.get("input_hash"):
+            out[s.id] = entry["input_hash"]
+        else:
+            fresh.append(s)
+    if fresh:
+        with ThreadPoolExecutor(threads) as pool:
+            out.update(
+                zip((s.id for s in fresh), pool.map(lambda s: content_hash(s, storage_options), fresh))
+            )
+    return {s.id: out[s.id] for s in shards}

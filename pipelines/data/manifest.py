@@ -2,7 +2,9 @@
 made with, and its row counts; and the planner that compares it with the inputs.
 
 A shard's fingerprint covers (input shard content, stage config, text tokenizer, image
-tokenizer weights, code version). The manifest is the commit point: a shard's files are
+tokenizer weights, code version). Its entry also keeps the input's metadata key
+(`input_meta`: file names, sizes, mtimes, ETags), so a rerun hashes the content only of
+shards whose key moved (pipelines/data/discovery.py). The manifest is the commit point: a shard's files are
 written under new names first (pipelines/data/commit.py) and a manifest record naming them
 commits them, so a run killed at any instant leaves either the old or the new state.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -83,6 +86,17 @@ class StageIdentity:
 def shard_fingerprint(input_hash: str, stage: StageIdentity) -> str:
     blob = json.dumps({"input": input_hash, **dataclasses.asdict(stage)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_meta(shard: InputShard) -> str:
+    """The shard's metadata key: its files' names and metadata; '' when any file has none."""
+    if not shard.meta or not all(shard.meta):
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    base = posixpath.dirname(shard.files[0]) if len(shard.files) == 1 else shard.uri.split("://", 1)[-1]
+    for path, meta in zip(shard.files, shard.meta):
+        h.update(f"{posixpath.relpath(path, base)}\0{meta}\0".encode())
+    return h.hexdigest()
 
 
 def output_name(shard_id: str) -> str:
@@ -207,6 +221,9 @@ class Plan:
     todo: list[InputShard] = field(default_factory=list)  # in id order: the commit order
     reasons: dict[str, str] = field(default_factory=dict)  # why each todo shard is redone
     removed: list[str] = field(default_factory=list)  # outputs whose input disappeared
+    # done shards whose metadata key moved while their content did not (a touched file):
+    # their new key, for `record_touched`, so the next run need not hash them again
+    touched: dict[str, str] = field(default_factory=dict)
 
     def states(self) -> dict[str, str]:
         out = {sid: "done" for sid in self.done}
@@ -242,4 +259,14 @@ def plan(shards: list[InputShard], hashes: dict[str, str], stage: StageIdentity,
             p.reasons[sid] = "dedup owner changed"
             changed.add(sid)
     p.todo = [by_id[sid] for sid in sorted(p.reasons)]
+    p.touched = {
+        sid: key for sid in p.done if (key := input_meta(by_id[sid])) != entries[sid].get("input_meta")
+    }
     return p
+
+
+def record_touched(manifest: Manifest, p: Plan) -> None:
+    """Give touched shards' entries their new metadata key, in memory: the run's next
+    snapshot (`save`) records them all at once."""
+    for sid, key in p.touched.items():
+        manifest.shards[sid]["input_meta"] = key

@@ -46,6 +46,7 @@ class InputShard:
     files: tuple[str, ...]  # the files whose content makes the shard (paths in its filesystem)
     size: int  # bytes, all files together
     stamps: tuple[str, ...] = ()  # per file: a content hash the store keeps (ETag), or ''
+    meta: tuple[str, ...] = ()  # per file: cheap metadata that moves when it changes, or ''
 
 
 class RowBlocks:

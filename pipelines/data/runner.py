@@ -7,7 +7,8 @@ new and stale ones on Ray Data, and commit each shard as it completes.
       -> driver: Committer (dedup, write, manifest record, delete replaced files)
 
 One run at a time per output (pipelines/data/lock.py). Nothing starts Ray when nothing has
-to be processed, so an unchanged rerun costs only the listing and hashing of the inputs.
+to be processed, so an unchanged rerun costs the listing of the inputs and the manifest;
+input content is hashed only where a file's metadata moved (pipelines/data/discovery.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from uniloom.pipelines.data.fs import open_fs, to_uri
 from uniloom.pipelines.data.image_tokenizer import fingerprint as image_fingerprint
 from uniloom.pipelines.data.image_tokenizer import resolve_weights
 from uniloom.pipelines.data.lock import OutputLock
-from uniloom.pipelines.data.manifest import Manifest, Plan, StageIdentity, code_version, config_hash, plan
+from uniloom.pipelines.data.manifest import (
+    Manifest,
+    Plan,
+    StageIdentity,
+    code_version,
+    config_hash,
+    plan,
+    record_touched,
+)
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.errors import UniloomError
 
@@ -56,8 +65,8 @@ def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool 
     d = cfg.data
     skipped: Counter[str] = Counter()
     shards = discover(inputs, d, skipped)
-    hashes = content_hashes(shards, d.storage_options)
     manifest = Manifest.load(output, d.storage_options)
+    hashes = content_hashes(shards, d.storage_options, manifest.shards)  # only where metadata moved
     text = text_tokenizer.resolve(d, manifest, shards, train)
     stage = StageIdentity(
         config=config_hash(d, cfg.mingtok),
@@ -186,6 +195,7 @@ def _run(
     swept = sweep(manifest)
     for sid in p.removed:
         remove_shard(manifest, sid)
+    record_touched(manifest, p)
     recorded = {k: v for k, v in asdict(d).items() if k != "storage_options"}  # may hold secrets
     manifest.data.update(
         inputs=[to_uri(*open_fs(uri, d.storage_options)) for uri in inputs],  # absolute

@@ -21,6 +21,7 @@ which `SharedMemoryReduction` then does in place of the engine's.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -337,11 +338,19 @@ class StageRun:
                 "losses": self.losses,
                 "resumes": self.resumes,
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "started_from": self.job.get("start_from"),  # another run's stage end, or None
                 **{k: self.job[k] for k in ("image_tokenizer", "text_tokenizer", "mlflow_run_id")},
             }
         with tempfile.TemporaryDirectory(prefix="uniloom-ckpt-") as tmp:
             ckpt.save(self.engine, self.trainee, tmp, self.rank, self.ep, asdict(self.stream.position), meta,
                       self.ema.shadow if self.ema is not None else None)  # fmt: skip
+            # the last stage's end is the run's result, which no later run starts after
+            keep = done and self.job.get("stage_ends") and self.name != list(self.t.stages)[-1]
+            if keep:
+                fs, folder, marker = self.stage_end()
+                fs.makedirs(folder, exist_ok=True)
+                for f in sorted(os.listdir(tmp)):  # this rank's files (rank 0: meta.json too)
+                    fs.put_file(os.path.join(tmp, f), f"{folder}/{f}")
             last = self.losses[-1][2] if self.losses else float("nan")
             ray.train.report(
                 {"global_step": self.global_step, "stage": self.name, "loss": last, **self.last_rates},
@@ -350,6 +359,26 @@ class StageRun:
             )
         if self.world > 1:
             dist.barrier()  # every rank's files are in storage before anyone reads them
+        if keep and self.rank == 0:  # the copy is complete: a later run may start from it
+            record = {
+                "stage": self.name,
+                "prefix": self.job["prefixes"][self.name],
+                "global_step": self.global_step,
+            }
+            fs.pipe_file(marker, json.dumps(record).encode())
+
+    def stage_end(self):
+        """(filesystem, folder, marker) of the copy of this stage's final checkpoint that a
+        later run of the same recipe prefix may start from (trainer.find_start); Ray Train
+        keeps only the last `keep_checkpoints`. Rank 0 removes an earlier attempt's marker."""
+        from uniloom.pipelines.data.fs import open_fs
+        from uniloom.pipelines.train.trainer import STAGE_END_DONE
+
+        fs, folder = open_fs(f"{self.job['stage_ends']}/{self.name}", self.cfg.data.storage_options)
+        marker = f"{folder}/{STAGE_END_DONE}"
+        if self.rank == 0 and fs.exists(marker):
+            fs.rm(marker)
+        return fs, folder, marker
 
 
 def core_slice(cores: list[int], local_rank: int, local_world: int) -> list[int]:
@@ -403,17 +432,28 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 
         mlflow.set_tags(precision.tags("train", t.precision, worker_device(t)))
     checkpoint = ray.train.get_checkpoint()
+    # a new run (no checkpoint of its own yet) may start from another run's stage end
+    start = job.get("start_from") if checkpoint is None else None
     stream = None
     try:
-        with checkpoint.as_directory() if checkpoint else _nothing() as directory:
+        if checkpoint:
+            source = checkpoint.as_directory()
+        else:
+            source = (
+                stage_end_directory(start["checkpoint"], cfg.data.storage_options) if start else _nothing()
+            )
+        with source as directory:
             reader = ckpt.Reader(directory) if directory else None
             resume = plan_resume(t, job["stages"], reader.meta if reader else None, job)
             resume.reader = reader
-            if reader is not None:  # a restart, or a rerun of the run: recorded in every later checkpoint
+            if checkpoint:  # a restart, or a rerun of the run: recorded in every later checkpoint
                 resume.resumes.append({"global_step": reader.meta["global_step"], "workers": world})
             stages = resume.todo
             if checkpoint:
                 _say(rank, f"resuming {checkpoint.path} with {world} worker(s): {resume.describe()}")
+            elif start:
+                _say(rank, f"starting from run {start['run']}'s end of stage {start['stage']} "
+                           f"({start['checkpoint']}): {resume.describe()}")  # fmt: skip
             run = StageRun(cfg, job, stages[0], resume, stream, ctx) if stages else None
         for i, name in enumerate(stages):
             start = time.perf_counter()
@@ -428,6 +468,21 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
                     run = StageRun(cfg, job, stages[i + 1], resume, stream, ctx)
     finally:
         logger.close()
+
+
+@contextlib.contextmanager
+def stage_end_directory(uri: str, storage_options: dict):
+    """A local folder holding the checkpoint at `uri` (copied from an object store)."""
+    from uniloom.pipelines.data.fs import is_local, open_fs
+
+    fs, path = open_fs(uri, storage_options)
+    if is_local(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="uniloom-start-") as tmp:
+        for remote in fs.ls(path, detail=False):
+            fs.get_file(remote, os.path.join(tmp, os.path.basename(remote)))
+        yield tmp
 
 
 class _nothing:

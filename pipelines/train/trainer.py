@@ -9,24 +9,34 @@
 Rerunning with the same run name and storage resumes from the run's latest checkpoint
 (with any number of workers); a worker that dies mid-run is restarted by Ray Train from
 that checkpoint, up to `train.max_failures` times.
+
+Given the recipe's prefix fingerprints (`uniloom run`: workflow_stages.stage_prefixes), a
+run records them in its folder (PREFIXES) and keeps a copy of each stage's final checkpoint
+but the last (STAGE_ENDS: Ray Train keeps only the last few); a new run (no checkpoint of its own) starts
+after the longest prefix another run in the same storage finished, from that copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import posixpath
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from uniloom.pipelines.config import UniloomConfig, to_dict
-from uniloom.pipelines.data.fs import join, open_fs
+from uniloom.pipelines.data.fs import join, open_fs, to_uri
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train import recipe
 from uniloom.pipelines.train.data import check_image_tokenizer, find_shards, read_dataset
 
 REGISTERED_NAME = "uniloom-univision"
+PREFIXES = "uniloom-prefixes.json"  # in a run's folder: {"prefixes": {stage: prefix fingerprint}}
+STAGE_ENDS = "stage-ends"  # <run>/stage-ends/<stage>/: a copy of the stage's final checkpoint
+STAGE_END_DONE = "stage-end.json"  # written last into that copy: {"stage", "prefix", "global_step"}
 
 
 @contextlib.contextmanager
@@ -111,6 +121,59 @@ def text_tokenizer(shards_uri_: str, storage_options: dict):
             "shards and their tokenizer together"
         )
     return tok
+
+
+@dataclasses.dataclass
+class Start:
+    """Another run's end-of-stage checkpoint a new run starts from."""
+
+    run: str
+    stage: str  # the stage it is the end of
+    uri: str  # its folder
+    meta: dict[str, Any]
+
+
+def record_prefixes(fs, run_dir: str, prefixes: dict[str, str]) -> None:
+    """The run's prefix fingerprints, written once, when it first starts."""
+    path = join(run_dir, PREFIXES)
+    if not fs.exists(path):
+        fs.makedirs(run_dir, exist_ok=True)
+        fs.pipe_file(path, json.dumps({"prefixes": prefixes}, indent=1).encode())
+
+
+def _read_json(fs, path: str) -> dict[str, Any]:
+    try:
+        return json.loads(fs.cat_file(path))
+    except ValueError as e:
+        raise UniloomError(f"{path} is corrupt ({e}): remove it (or its run) from the storage") from None
+
+
+def find_start(fs, storage: str, own: str, prefixes: dict[str, str]) -> Start | None:
+    """The checkpoint a new run `own` starts from: the end of stage k of another run in
+    `storage` for the largest k below the recipe's length where that run recorded our prefix
+    fingerprint of stage k and finished its copy of stage k's end; None: from scratch."""
+    names = list(prefixes)[:-1]  # the whole recipe matching is the same run
+    if not names or not fs.exists(storage):
+        return None
+    best: tuple[int, Start] | None = None
+    for run_dir in sorted(fs.ls(storage, detail=False)):
+        run, record = posixpath.basename(run_dir.rstrip("/")), join(run_dir, PREFIXES)
+        if run == own or not fs.exists(record):
+            continue
+        theirs = _read_json(fs, record).get("prefixes", {})
+        for k in range(len(names), best[0] if best else 0, -1):
+            name = names[k - 1]
+            folder = join(run_dir, STAGE_ENDS, name)
+            if theirs.get(name) != prefixes[name] or not fs.exists(join(folder, STAGE_END_DONE)):
+                continue
+            if _read_json(fs, join(folder, STAGE_END_DONE)).get("prefix") != prefixes[name]:
+                continue
+            meta = _read_json(fs, join(folder, "meta.json"))
+            ranks = [f for f in fs.ls(folder, detail=False) if f.endswith(".safetensors")]
+            if meta.get("stage") == name and meta.get("done") and len(ranks) == meta.get("world"):
+                best = (k, Start(run, name, to_uri(fs, folder), meta))
+                break
+    return best[1] if best else None
 
 
 def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[str, Any]:
@@ -201,8 +264,9 @@ def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
 
 
 def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = None,
-          echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    """Train the requested stages (all: the recipe), export, register; the summary."""
+          echo: Callable[[str], None] = print, prefixes: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train the requested stages (all: the recipe), export, register; the summary.
+    `prefixes`: the recipe's prefix fingerprints (module docstring), None: none kept."""
     from uniloom.pipelines.raycluster import init_ray
 
     started = time.perf_counter()
@@ -214,9 +278,31 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
     fs, storage = open_fs(storage_uri(cfg), cfg.data.storage_options)
     run_dir = join(storage, run_name(cfg))
     expert_parallel_size(cfg, workers)
-    plan = recipe.plan_resume(t, stages, recipe.latest_meta(fs, run_dir), job)  # raises on a bad order
-    echo(f"run {run_name(cfg)} in {storage_uri(cfg)}: {plan.describe()}")
+    meta, start = recipe.latest_meta(fs, run_dir), None
+    if prefixes is not None:
+        if list(prefixes) != list(t.stages):
+            raise UniloomError(
+                f"prefix fingerprints for stages {list(prefixes)}, the recipe has {list(t.stages)}"
+            )
+        if meta is None and stages == list(t.stages):  # a new run of the whole recipe
+            start = find_start(fs, storage, run_name(cfg), prefixes)
+        record_prefixes(fs, run_dir, prefixes)
+        job["prefixes"], job["stage_ends"] = prefixes, to_uri(fs, join(run_dir, STAGE_ENDS))
+    if start is not None:
+        meta = start.meta
+        job["start_from"] = {"run": start.run, "stage": start.stage, "checkpoint": start.uri}
+    elif meta is not None and meta.get("started_from"):
+        job["start_from"] = meta["started_from"]  # resuming such a run: its later checkpoints say so too
+    plan = recipe.plan_resume(t, stages, meta, job)  # raises on a bad order
+    origin = f" of run {start.run} (from {start.uri})" if start else ""
+    echo(f"run {run_name(cfg)} in {storage_uri(cfg)}: {plan.describe()}{origin}")
     job["mlflow_uri"], job["mlflow_run_id"] = _mlflow_run(cfg, fs, run_dir, run_name(cfg))
+    if start is not None:
+        import mlflow
+
+        mlflow.MlflowClient().set_tag(
+            job["mlflow_run_id"], "uniloom.started_from", f"{start.run}/{start.stage}"
+        )
     init_ray(cfg.ray)
     echo(f"training {', '.join(plan.todo) or 'nothing'} on {workers} worker(s), expert-parallel size "
          f"{expert_parallel_size(cfg, workers)}, ZeRO {t.zero_stage}, {t.precision}")  # fmt: skip
@@ -249,6 +335,8 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
             # what the export holds: the EMA of what the last stage trained (train/ema.py)
             "ema_decay": cfg.train.ema_decay,
             "ema_updates": meta.get("ema_updates", 0),
+            "recipe": to_dict(cfg.train)["stages"],  # the stages' settings the weights were trained with
+            "started_from": meta.get("started_from"),  # another run's stage end this run started after
         }
         out = export(reader, export_path(cfg), metadata)
     model_info = log_and_register(cfg, out, job, meta)
@@ -265,6 +353,7 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
         "loss_last": losses[-1][2] if losses else None,
         "loss_curve": losses,
         "resumes": meta["resumes"],
+        "started_from": meta.get("started_from"),
         "export": str(out),
         "mlflow_run_id": job["mlflow_run_id"],
         "registered_model": REGISTERED_NAME if cfg.train.register else None,

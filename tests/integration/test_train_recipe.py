@@ -211,3 +211,75 @@ def test_shards_of_another_mingtok_are_refused(data, tmp_path, cli):
     line = result.stderr.strip().splitlines()[-1]
     assert "were tokenized by MingTok" in line and "other.safetensors" in line, line
     assert not (tmp_path / "ws" / "ray_results").exists()  # refused before any training started
+
+
+TRAIN_STAGE = """
+import json, sys
+from uniloom.pipelines.config import load_config
+from uniloom.pipelines.train.trainer import ray_output_on_stderr
+from uniloom.pipelines.workflow import StageResult
+from uniloom.pipelines.workflow_stages import _train, train_config
+
+cfg = load_config("tiny", sys.argv[1])
+done = {"data": StageResult({"shards": sys.argv[2]}), "tokenizer": StageResult({"weights": sys.argv[3]})}
+with ray_output_on_stderr():
+    result = _train(cfg, done)
+print(json.dumps({"run": train_config(cfg, done).train.run_name, **result.outputs, **result.metrics}))
+"""
+
+
+def test_a_changed_sft_stage_trains_from_an_earlier_run_s_end_of_stage_2(data, tmp_path):
+    """`uniloom run`'s train stage after a change to stage 3 only: a new Ray Train run that
+    starts at stage 3 from the first run's copy of its end of stage 2 (Ray Train kept only
+    its last checkpoint), trains sft and edit, and exports weights under the new recipe."""
+    import subprocess
+    import sys
+
+    from uniloom.pipelines.train.registry import load_export
+
+    def train_stage(sft_steps: int) -> tuple[dict, str]:
+        steps = {"align": 2, "joint": 2, "sft": sft_steps, "edit": 2}
+        stages = {name: {"steps": n, "warmup_steps": 1} for name, n in steps.items()}
+        cfg = config_file(tmp_path / f"sft{sft_steps}.yaml", data, tmp_path / "ws", stages=stages,
+                          checkpoint_every=50, keep_checkpoints=1)  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", TRAIN_STAGE, str(cfg), data["shards"], data["weights"]],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+    first, first_err = train_stage(2)
+    first_weights = {k: v.clone() for k, v in load_export(first["export"])[0].state_dict().items()}
+    for name in STEPS:
+        assert re.search(rf"\[train \+\d+s\] stage {name} done", first_err)
+    second, err = train_stage(3)
+    assert second["run"] != first["run"]
+    assert f"starting sft after stage joint step 2 (2 workers) of run {first['run']}" in err, err[-3000:]
+    trained = [name for name in STEPS if re.search(rf"\[train \+\d+s\] stage {name} done", err)]
+    assert trained == ["sft", "edit"]
+
+    storage = tmp_path / "ws" / "ray_results"
+    start = storage / first["run"] / "stage-ends" / "joint"
+    assert not list((storage / first["run"]).glob("ckpt-*-joint"))  # Ray Train kept the last only
+    [last] = (storage / second["run"]).glob("ckpt-*-edit")
+    meta = json.loads((last / "meta.json").read_text())
+    started = meta["started_from"]
+    assert (started["run"], started["stage"]) == (first["run"], "joint")
+    assert Path(started["checkpoint"]).resolve() == start.resolve()
+    assert meta["global_step"] == second["global_step"] == 2 + 2 + 3 + 2
+    origin = json.loads((start / "meta.json").read_text())
+    assert meta["losses"][: len(origin["losses"])] == origin["losses"]  # stages 1-2 are the first run's
+    assert [stage for _, stage, _ in meta["losses"][len(origin["losses"]) :]] == ["sft", "sft", "edit"]
+    # the weight EMA came along: it continues stage 2's average
+    assert (origin["ema_updates"], meta["ema_updates"]) == (2 + 2, 2 + 2 + 3 + 2)
+    # every stage's end is kept but the last one's (the run's result, which nothing starts after)
+    assert sorted(p.name for p in (storage / first["run"] / "stage-ends").iterdir()) == [
+        "align",
+        "joint",
+        "sft",
+    ]
+
+    model, _, metadata = load_export(second["export"])
+    assert metadata["recipe"]["sft"]["steps"] == 3 and metadata["global_step"] == 9
+    assert metadata["started_from"]["run"] == first["run"]
+    # the same export path as the first run's: it holds the new run's weights
+    assert any(not (v == first_weights[k]).all() for k, v in model.state_dict().items())
