@@ -29,6 +29,19 @@ def report(request):
     return add
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """Storage options for a moto S3 server on 127.0.0.1, one per session: each test file
+    makes a bucket of its own."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+    server.stop()
+
+
 def pytest_terminal_summary(terminalreporter):
     if _REPORTS:
         terminalreporter.section("measured figures")

@@ -23,6 +23,7 @@ def test_bench_reruns_rewrite_nothing_then_exactly_the_changed_shard(tmp_path, r
     out = bench_data(cfg, tmp_path / "bench", images=60, shards=3, echo=lambda line: None)
     assert out["full_run_rows"]["read"] == 60 and out["unchanged_rerun_rewrote"] == []
     assert out["changed_shard"] == "shapes-00001.tar"
-    assert out["one_changed_rerun_rewrote"] == ["shapes-00001.tar.parquet"]
+    (rewrote,) = out["one_changed_rerun_rewrote"]  # output files are named <shard>.<content hash>.parquet
+    assert rewrote.rsplit(".", 2)[0] == "shapes-00001.tar"
     assert out["ceiling_images_per_s"] > 0 and out["peak_memory_gib"] > 0.1  # Ray alone is more
     report(f"bench data at 60 images: efficiency {out['efficiency']}, peak {out['peak_memory_gib']} GiB")

@@ -21,21 +21,10 @@ SMALL = MingTokConfig(
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "endpoint_url": f"http://{host}:{port}",
-    }
-    fs = s3fs.S3FileSystem(**options)
+def s3(s3_server):
+    fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir("corpus-bucket")
-    yield fs, options
-    server.stop()
+    return fs, s3_server
 
 
 def test_s3_inputs_weights_and_output(s3, tmp_path, ray_local):

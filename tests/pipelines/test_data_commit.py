@@ -331,33 +331,26 @@ def test_training_refuses_a_text_tokenizer_its_shards_were_not_made_with(setup):
         trainer.text_tokenizer(out, {})
 
 
-def test_the_manifest_log_and_sweep_on_s3(tmp_path):
+def test_the_manifest_log_and_sweep_on_s3(s3_server):
     """The same record, load, snapshot and sweep through s3fs (moto's server on 127.0.0.1)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-        fs = s3fs.S3FileSystem(**options)
-        fs.mkdir("manifest-bucket")
-        out = "s3://manifest-bucket/out"
-        m = Manifest(out, options)
-        m.save()
-        fs.pipe_file("manifest-bucket/out/shards/a.0123456789abcdef.parquet", b"kept")
-        fs.pipe_file("manifest-bucket/out/shards/b.0123456789abcdef.parquet", b"never committed")
-        m.put("a", {"files": {"output": "shards/a.0123456789abcdef.parquet"}})
-        m.put("c", {"files": {}})
-        m.remove("c")
-        loaded = Manifest.load(out, options)
-        assert loaded.shards == {"a": m.shards["a"]} and loaded.seq == 3
-        assert sweep(loaded) == 1 and fs.ls("manifest-bucket/out/shards") == [
-            "manifest-bucket/out/shards/a.0123456789abcdef.parquet"
-        ]
-        loaded.save()
-        assert fs.find("manifest-bucket/out/_manifest") == []
-        assert Manifest.load(out, options).shards == loaded.shards
-    finally:
-        server.stop()
+    options = s3_server
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("manifest-bucket")
+    out = "s3://manifest-bucket/out"
+    m = Manifest(out, options)
+    m.save()
+    fs.pipe_file("manifest-bucket/out/shards/a.0123456789abcdef.parquet", b"kept")
+    fs.pipe_file("manifest-bucket/out/shards/b.0123456789abcdef.parquet", b"never committed")
+    m.put("a", {"files": {"output": "shards/a.0123456789abcdef.parquet"}})
+    m.put("c", {"files": {}})
+    m.remove("c")
+    loaded = Manifest.load(out, options)
+    assert loaded.shards == {"a": m.shards["a"]} and loaded.seq == 3
+    assert sweep(loaded) == 1 and fs.ls("manifest-bucket/out/shards") == [
+        "manifest-bucket/out/shards/a.0123456789abcdef.parquet"
+    ]
+    loaded.save()
+    assert fs.find("manifest-bucket/out/_manifest") == []
+    assert Manifest.load(out, options).shards == loaded.shards

@@ -17,17 +17,11 @@ from uniloom.pipelines.errors import UniloomError
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(s3_server):
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-    s3fs.S3FileSystem(**options).mkdir("lock-bucket")
-    yield options
-    server.stop()
+    s3fs.S3FileSystem(**s3_server).mkdir("lock-bucket")
+    return s3_server
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -142,17 +142,11 @@ def test_bench_data_scale_prints_a_row_per_shard_count(cli, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(s3_server):
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-    s3fs.S3FileSystem(**options).mkdir("rerun-bucket")
-    yield options
-    server.stop()
+    s3fs.S3FileSystem(**s3_server).mkdir("rerun-bucket")
+    return s3_server
 
 
 def test_on_s3_a_rerun_reads_no_object_and_a_rewritten_object_counts_by_its_etag(s3, tmp_path, monkeypatch):
