@@ -29,6 +29,7 @@ from typing import Any
 
 from uniloom.pipelines.data.fs import is_local, join, open_fs, to_uri
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.process import alive
 
 LOCK = "_lock.json"
 TTL_S = 60.0  # a crashed run's output is free this long after its last renewal
@@ -86,7 +87,7 @@ class OutputLock:
         """Why the lease's owner is gone, or None while it may still be running."""
         if lease["expires"] < time.time():
             return "its lease expired"
-        if lease["host"] == socket.gethostname() and not _alive(int(lease["pid"])):
+        if lease["host"] == socket.gethostname() and not alive(int(lease["pid"])):
             return "its process is gone"
         return None
 
@@ -229,13 +230,3 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.process import alive
 
 SHM_DIR = Path("/dev/shm")
 ARRIVED, REDUCED, CONSUMED, GEN, CAPACITY, PID, NONCE = range(7)
@@ -181,7 +182,7 @@ class ShmChannel:
             if now > check:
                 check = now + LIVENESS_S
                 for j in peers:
-                    if ctrl[j, col] < value and not _alive(int(ctrl[j, PID])):
+                    if ctrl[j, col] < value and not alive(int(ctrl[j, PID])):
                         raise UniloomError(
                             f"shared-memory collective: rank {j} of the group (pid {int(ctrl[j, PID])}) exited"
                         )
@@ -264,19 +265,6 @@ class ShmChannel:
                 if lo < hi:
                     f[lo - s : hi - s].copy_(chunk[lo:hi])
         self.ctrl[self.me, CONSUMED] = self.seq
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _all(flag: bool, group) -> bool:

@@ -108,6 +108,7 @@ NOT_ROW_CODE = {
     "uniloom.pipelines.errors": "error types and messages",
     "uniloom.pipelines.data.fs": "file system access",
     "uniloom.pipelines.data.lock": "one writer per output",
+    "uniloom.pipelines.process": "whether a lease owner still runs",
     "uniloom.pipelines.data.manifest": "the fingerprint bookkeeping itself",
 }
 # What pipelines/data/runner.py wires together per row: the read task, the prepare and

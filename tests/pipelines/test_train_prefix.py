@@ -38,6 +38,14 @@ def cfg(tmp_path):
     return train_config(cfg, done)
 
 
+def _sft_steps(c):
+    c.train.stages["sft"].steps += 1
+
+
+def _align_lr(c):
+    c.train.stages["align"].lr *= 2
+
+
 def _edited(cfg, edit):
     cfg = copy.deepcopy(cfg)
     edit(cfg)
@@ -49,12 +57,6 @@ def test_a_stage_s_prefix_covers_it_and_the_stages_before_it(cfg):
     assert list(base) == ["align", "joint", "sft", "edit"] and len(set(base.values())) == 4
     assert stage_prefixes(cfg) == base
 
-    def sft_steps(c):
-        c.train.stages["sft"].steps += 1
-
-    def align_lr(c):
-        c.train.stages["align"].lr *= 2
-
     def seed(c):
         c.train.seed += 1
 
@@ -62,9 +64,9 @@ def test_a_stage_s_prefix_covers_it_and_the_stages_before_it(cfg):
         c.train.keep_checkpoints += 1
         c.train.storage = "/elsewhere"
 
-    sft = _edited(cfg, sft_steps)
+    sft = _edited(cfg, _sft_steps)
     assert [sft[n] == base[n] for n in base] == [True, True, False, False]
-    for edit in (align_lr, seed):
+    for edit in (_align_lr, seed):
         changed = _edited(cfg, edit)
         assert not any(changed[n] == base[n] for n in base), edit.__name__
     assert _edited(cfg, operational) == base
@@ -93,10 +95,7 @@ def _run(fs, storage, name, prefixes, finished, world=2, marker_prefix=None):
 def test_a_new_run_starts_after_the_longest_finished_matching_prefix(cfg, tmp_path):
     fs = fsspec.filesystem("file")
     storage = str(tmp_path / "ray_results")
-    old = stage_prefixes(cfg)
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.train.stages["sft"].steps += 1
-    new = stage_prefixes(new_cfg)
+    old, new = stage_prefixes(cfg), _edited(cfg, _sft_steps)
     assert find_start(fs, storage, "new", new) is None  # no storage yet
 
     _run(fs, storage, "finished", old, ["align", "joint", "sft", "edit"])
@@ -106,18 +105,13 @@ def test_a_new_run_starts_after_the_longest_finished_matching_prefix(cfg, tmp_pa
     assert find_start(fs, storage, "finished", new) is None  # a run never starts from itself
 
     # changing align's lr keeps no prefix: nothing to start from
-    lr_cfg = copy.deepcopy(cfg)
-    lr_cfg.train.stages["align"].lr *= 2
-    assert find_start(fs, storage, "new", stage_prefixes(lr_cfg)) is None
+    assert find_start(fs, storage, "new", _edited(cfg, _align_lr)) is None
 
 
 def test_a_run_without_a_finished_stage_end_copy_is_not_used(cfg, tmp_path):
     fs = fsspec.filesystem("file")
     storage = str(tmp_path / "ray_results")
-    old = stage_prefixes(cfg)
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.train.stages["sft"].steps += 1
-    new = stage_prefixes(new_cfg)
+    old, new = stage_prefixes(cfg), _edited(cfg, _sft_steps)
 
     run_dir = _run(fs, storage, "died", old, ["align", "joint"])
     fs.rm(f"{run_dir}/{STAGE_ENDS}/joint/{STAGE_END_DONE}")  # its stage-2 copy never completed
