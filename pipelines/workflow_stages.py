@@ -127,34 +127,42 @@ def stage_prefixes(cfg: UniloomConfig, mingtok: str | None = None) -> dict[str, 
     return prefixes
 
 
-def train_run_name(cfg: UniloomConfig) -> str:
+def train_run_name(cfg: UniloomConfig, prefixes: dict[str, str] | None = None) -> str:
     """The Ray Train run of `uniloom run`: the same for the same inputs, so a workflow that
     died mid-training resumes it; another one when anything that decides the weights
     changed (the last stage's prefix fingerprint: model and train config, the shards, the
     MingTok, the code the train stage runs), so a changed config never meets an old run's
-    finished checkpoints."""
+    finished checkpoints. `prefixes`: `stage_prefixes(cfg)`, where the caller has them."""
     from uniloom.pipelines.train.trainer import run_name
 
-    return f"{run_name(cfg)}-{list(stage_prefixes(cfg).values())[-1][:12]}"
+    prefixes = prefixes or stage_prefixes(cfg)
+    return f"{run_name(cfg)}-{list(prefixes.values())[-1][:12]}"
+
+
+def _train_setup(cfg: UniloomConfig, done: dict[str, StageResult]) -> tuple[UniloomConfig, dict[str, str]]:
+    """`train_config` and the stage prefixes it was named with (computed once: they read
+    the data manifest and the training code)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.shards = done["data"].outputs["shards"]
+    cfg.data.tokenizer_weights = done["tokenizer"].outputs["weights"]
+    prefixes = stage_prefixes(cfg)
+    if not cfg.train.run_name:
+        cfg.train.run_name = train_run_name(cfg, prefixes)
+    return cfg, prefixes
 
 
 def train_config(cfg: UniloomConfig, done: dict[str, StageResult]) -> UniloomConfig:
     """The config the train stage trains with: the upstream stages' shards and MingTok,
     and, unless `train.run_name` is set, the run `train_run_name` names."""
-    cfg = copy.deepcopy(cfg)
-    cfg.train.shards = done["data"].outputs["shards"]
-    cfg.data.tokenizer_weights = done["tokenizer"].outputs["weights"]
-    if not cfg.train.run_name:
-        cfg.train.run_name = train_run_name(cfg)
-    return cfg
+    return _train_setup(cfg, done)[0]
 
 
 def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.train.trainer import train
 
-    cfg = train_config(cfg, done)
+    cfg, prefixes = _train_setup(cfg, done)
     # per stage, so a new run starts after the longest recipe prefix an earlier run finished
-    summary = train(cfg, stage=None, echo=_echo, prefixes=stage_prefixes(cfg))
+    summary = train(cfg, stage=None, echo=_echo, prefixes=prefixes)
     metrics = _numbers(
         summary, ("loss_first", "loss_last", "global_step", "tokens_per_s", "registered_version")
     )
