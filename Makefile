@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/uniloom bench tokenizer
 	$(BIN)/uniloom bench data
 	$(BIN)/uniloom bench train
+	$(BIN)/uniloom bench kernels
 
 clean:
 	rm -rf workspace .ruff_cache

@@ -16,11 +16,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+from uniloom.kernels import check_mode, use_triton
+from uniloom.kernels.flow_block import modulated_layer_norm, swiglu
 
 
 class TimestepEmbedder(nn.Module):
@@ -41,50 +39,71 @@ class TimestepEmbedder(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU with the released head's width rule: 2/3 of mlp_mult * W, rounded to 8."""
 
-    def __init__(self, width: int, mlp_mult: float):
+    def __init__(self, width: int, mlp_mult: float, *, kernels: str = "auto"):
         super().__init__()
         hidden = (int(width * mlp_mult * 2 / 3) + 7) // 8 * 8
+        self.kernels = check_mode(kernels)
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x):  # (N, W)
-        gate, up = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * up)
+        return self.w3(swiglu(self.w12(x), triton=use_triton(self.kernels, x.device)))
 
 
 class ResBlock(nn.Module):
-    def __init__(self, width: int, mlp_mult: float):
+    """x + gate * SwiGLU(modulate(LayerNorm(x), shift, scale)), the modulation fused with
+    the norm (kernels/flow_block.py)."""
+
+    def __init__(self, width: int, mlp_mult: float, *, kernels: str = "auto"):
         super().__init__()
+        self.kernels = check_mode(kernels)
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = SwiGLU(width, mlp_mult)
+        self.mlp = SwiGLU(width, mlp_mult, kernels=kernels)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x, y):  # x, y (N, W)
         shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+        h = modulated_layer_norm(
+            x, self.norm.weight, self.norm.bias, shift, scale, self.norm.eps,
+            triton=use_triton(self.kernels, x.device),
+        )  # fmt: skip
+        return x + gate * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, out_channels: int):
+    def __init__(self, width: int, out_channels: int, *, kernels: str = "auto"):
         super().__init__()
+        self.kernels = check_mode(kernels)
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(width, out_channels)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, y):  # (N, W)
         shift, scale = self.ada(y).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        h = modulated_layer_norm(
+            x, None, None, shift, scale, self.norm.eps, triton=use_triton(self.kernels, x.device)
+        )
+        return self.linear(h)
 
 
 class FlowHead(nn.Module):
-    def __init__(self, latent_dim: int, cond_dim: int, width: int, depth: int, mlp_mult: float):
+    def __init__(
+        self,
+        latent_dim: int,
+        cond_dim: int,
+        width: int,
+        depth: int,
+        mlp_mult: float,
+        *,
+        kernels: str = "auto",
+    ):
         super().__init__()
         self.latent_dim = latent_dim
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(latent_dim, width)
-        self.blocks = nn.ModuleList(ResBlock(width, mlp_mult) for _ in range(depth))
-        self.final = FinalLayer(width, latent_dim)
+        self.blocks = nn.ModuleList(ResBlock(width, mlp_mult, kernels=kernels) for _ in range(depth))
+        self.final = FinalLayer(width, latent_dim, kernels=kernels)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -49,6 +49,10 @@ DeepSpeed's layer brings its own gate (no multi-gate routing by modality, a diff
 balancing loss), stores experts as separate modules (no grouped weights), and importing
 DeepSpeed would break the rule that models/ is plain PyTorch.
 
+Kernels: routing, the permutation into expert order and back, and the grouped expert
+matmul are ops of kernels/moe.py, each a PyTorch reference (this layer's original math,
+the CPU default) and a Triton path, chosen by `cfg.kernels` (auto|triton|reference).
+
 Shape legend: T tokens (batch * sequence flattened), M valid tokens of them, D hidden, E routed
 experts, k experts per token, N = M * k token-slots, F expert FFN width.
 """
@@ -61,6 +65,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uniloom.kernels import moe as moe_ops
+from uniloom.kernels import use_triton
+from uniloom.kernels.moe import expert  # noqa: F401 (one expert's SwiGLU; the expert-parallel shadows call it)
 from uniloom.models.univision_config import UniVisionConfig
 
 
@@ -84,10 +91,15 @@ class FeedForward(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as grouped weights: the expert-parallel seam (module docstring)."""
+    """E SwiGLU experts as grouped weights: the expert-parallel seam (module docstring).
+    `kernels` (auto|triton|reference): the reference's loop of per-expert matmuls, or a
+    grouped GEMM (kernels/moe.py grouped_swiglu)."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, init_std: float = 0.02):
+    def __init__(
+        self, num_experts: int, dim: int, hidden: int, init_std: float = 0.02, kernels: str = "auto"
+    ):
         super().__init__()
+        self.kernels = kernels
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -96,72 +108,62 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND, num_tokens_per_expert_E):
         """x_ND sorted by expert, counts (E,) -> out_ND in the same order."""
-        # One matmul per expert: a grouped-GEMM kernel (kernels/) can replace this loop
-        # without touching the call.
-        pieces = torch.split(x_ND, num_tokens_per_expert_E.tolist())
-        return torch.cat(
-            [expert(x_nD, self.w1_EFD[e], self.w3_EFD[e], self.w2_EDF[e]) for e, x_nD in enumerate(pieces)]
+        backend = moe_ops.grouped_backend(use_triton(self.kernels, x_ND.device), x_ND, self.w1_EFD)
+        return moe_ops.grouped_swiglu(
+            x_ND, num_tokens_per_expert_E, self.w1_EFD, self.w3_EFD, self.w2_EDF, backend=backend
         )
 
 
-def expert(x_nD, w1_FD, w3_FD, w2_DF):
-    """One SwiGLU expert on its n token-slots -> (n, D)."""
-    return (F.silu(x_nD @ w1_FD.T) * (x_nD @ w3_FD.T)) @ w2_DF.T
-
-
 class Router(nn.Module):
-    """One gate: router probabilities over the E experts, in float32."""
+    """One gate: router logits over the E experts, in float32."""
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
     def forward(self, x_TD):
-        return self.gate(x_TD).float().softmax(dim=-1)  # (T, E)
+        return self.gate(x_TD).float()  # (T, E)
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: UniVisionConfig):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.experts_per_token
+        self.kernels = cfg.kernels
         self.router = Router(cfg.hidden, cfg.num_experts)
         self.image_router = Router(cfg.hidden, cfg.num_experts) if cfg.multi_gate else None
-        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden, cfg.expert_ffn, cfg.init_std)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden, cfg.expert_ffn, cfg.init_std, cfg.kernels)
         self.shared = (
             FeedForward(cfg.hidden, cfg.expert_ffn * cfg.num_shared_experts)
             if cfg.num_shared_experts
             else None
         )
 
-    def route(self, x_TD, image_mask_T=None):
-        """Router probabilities (T, E) from each token's gate, top-k scores and experts (T, k)."""
-        probs_TE = self.router(x_TD)
+    def router_logits(self, x_TD, image_mask_T=None):
+        """Router logits (T, E) from each token's gate. Selecting logits, then one softmax,
+        gives each row exactly the probabilities of softmax-per-gate, then selecting."""
+        logits_TE = self.router(x_TD)
         if self.image_router is not None and image_mask_T is not None:
-            probs_TE = torch.where(image_mask_T[:, None], self.image_router(x_TD), probs_TE)
-        top_scores_TK, selected_TK = probs_TE.topk(self.top_k, dim=-1)
-        top_scores_TK = top_scores_TK / top_scores_TK.sum(-1, keepdim=True)
-        return probs_TE, top_scores_TK, selected_TK
+            logits_TE = torch.where(image_mask_T[:, None], self.image_router(x_TD), logits_TE)
+        return logits_TE
 
     def forward(self, x_BTD, image_mask_BT=None, valid_BT=None):
         """x (B, T, D), image positions and valid (non-padding) tokens (B, T) bool -> (B, T, D)."""
         B, T, D = x_BTD.shape
+        triton = use_triton(self.kernels, x_BTD.device)
         x_TD = x_BTD.reshape(B * T, D)
         image_mask_T = None if image_mask_BT is None else image_mask_BT.reshape(B * T)
         token_M = None if valid_BT is None else valid_BT.reshape(B * T).nonzero()[:, 0]
         x_MD = x_TD if token_M is None else x_TD[token_M]
         image_mask_M = image_mask_T if token_M is None or image_mask_T is None else image_mask_T[token_M]
-        probs_ME, top_scores_MK, selected_MK = self.route(x_MD, image_mask_M)
-
+        # Softmax over E (fp32), top-k, scores renormalised to sum 1, loads per expert.
+        probs_ME, top_scores_MK, selected_MK, num_tokens_per_expert_E = moe_ops.route(
+            self.router_logits(x_MD, image_mask_M), self.top_k, triton=triton
+        )
         # Sort the M * k token-slots by expert so each expert reads one contiguous block.
-        selected_N = selected_MK.reshape(-1)
-        order_N = selected_N.argsort(stable=True)
-        slot_token_N = order_N // self.top_k  # which valid token each sorted slot belongs to
-        token_N = slot_token_N if token_M is None else token_M[slot_token_N]
-        num_tokens_per_expert_E = torch.bincount(selected_N, minlength=self.num_experts)
-        out_ND = self.experts(x_TD[token_N], num_tokens_per_expert_E)
-        out_ND = out_ND * top_scores_MK.reshape(-1)[order_N, None].to(out_ND.dtype)
-        # In out_ND's dtype: under autocast the experts compute in bf16 while x_TD is fp32.
-        out_TD = out_ND.new_zeros(x_TD.shape).index_add_(0, token_N, out_ND)
+        slots = moe_ops.sort_slots(selected_MK, self.num_experts, token_M, triton=triton)
+        out_ND = self.experts(moe_ops.permute(x_TD, slots, triton=triton), num_tokens_per_expert_E)
+        out_TD = moe_ops.unpermute(out_ND, top_scores_MK, slots, B * T, triton=triton)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 

@@ -22,20 +22,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uniloom.kernels import check_mode, use_triton
+from uniloom.kernels.rms_norm import rms_norm
 from uniloom.models.moe import MoE
 from uniloom.models.univision_config import UniVisionConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """kernels/rms_norm.py: statistics in fp32, the result in x's dtype promoted with the
+    weight's; `kernels` picks Triton or the reference (uniloom.kernels)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, kernels: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.kernels = check_mode(kernels)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # (..., dim)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps, triton=use_triton(self.kernels, x.device))
 
 
 def rope_angles(position_ids, head_dim: int, theta: float, dtype=torch.float32):
@@ -146,9 +150,9 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, cfg: UniVisionConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels=cfg.kernels)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels=cfg.kernels)
         self.moe = MoE(cfg)
 
     def forward(

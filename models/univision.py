@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from uniloom.kernels import use_triton
+from uniloom.kernels.linear_ce import linear_cross_entropy
 from uniloom.models.flow_head import FlowHead
 from uniloom.models.sequence import IGNORE, TASKS, Batch, turn_ids
 from uniloom.models.transformer import DecoderBlock, KVCache, RMSNorm, attention_mask, rope_angles
@@ -64,7 +65,7 @@ class UniVision(nn.Module):
             nn.Linear(cfg.semantic_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden)
         )
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels=cfg.kernels)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.vis_head = nn.Sequential(
             nn.Linear(cfg.hidden, cfg.flow_width), nn.LayerNorm(cfg.flow_width, eps=1e-6)
@@ -72,7 +73,12 @@ class UniVision(nn.Module):
         self._init_backbone()
         # The flow head keeps MAR's initialisation (zeroed modulation and output).
         self.flow_head = FlowHead(
-            cfg.latent_dim, cfg.flow_width, cfg.flow_width, cfg.flow_depth, cfg.flow_mlp_mult
+            cfg.latent_dim,
+            cfg.flow_width,
+            cfg.flow_width,
+            cfg.flow_depth,
+            cfg.flow_mlp_mult,
+            kernels=cfg.kernels,
         )
 
     def _init_backbone(self) -> None:
@@ -156,20 +162,30 @@ class UniVision(nn.Module):
         zero = h_BTH.sum() * 0  # keeps the graph connected when a kind of target is absent
 
         text_sel = batch.text_targets != IGNORE  # (B, T)
-        text_ce = F.cross_entropy(self.logits(h_BTH[text_sel]).float(), batch.text_targets[text_sel],
-                                  reduction="none")  # fmt: skip
+        targets_M = batch.text_targets[text_sel]
+        if targets_M.numel():
+            weight_M = _turn_weights(turn_ids(batch)[text_sel])
+            text, text_ce = self.text_loss(h_BTH[text_sel], targets_M, weight_M)
+        else:
+            text, text_ce = zero, torch.zeros(0, device=h_BTH.device)
 
         # Called with no targets too (N = 0): a flow head balanced across ranks
         # (pipelines/train/flow_balance.py) exchanges rows at every step.
         x0_NC, cond_NZ = self.flow_pairs(batch, h_BTH)
         flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
-        text = _turn_mean(text_ce, turn_ids(batch)[text_sel]) if text_ce.numel() else zero
         flow = flow_mse.mean() if flow_mse.numel() else zero
         total = self.cfg.text_loss_weight * text + self.cfg.flow_loss_weight * flow
         total = total + self.cfg.aux_loss_weight * out.aux_loss
         per_task = _per_task(text_ce, batch.task_ids[text_sel], "text")
         per_task |= _per_task(flow_mse, batch.task_ids[batch.image_targets], "flow")
         return Losses(total, text, flow, out.aux_loss, per_task, out.expert_load)
+
+    def text_loss(self, hidden_MH, targets_M, token_weight_M):
+        """(sum_m token_weight_m * CE_m, CE_M detached) of the LM head at M text targets,
+        chunked (kernels/linear_ce.py): the (M, V) logits never exist whole. A seam:
+        `uniloom bench kernels` overrides it with eager full-logits cross-entropy."""
+        return linear_cross_entropy(hidden_MH, self.lm_head.weight, targets_M, token_weight_M,
+                                    triton=use_triton(self.cfg.kernels, hidden_MH.device))  # fmt: skip
 
     # ------------------------------------------------------------------ accounting
 
@@ -200,10 +216,11 @@ class UniVision(nn.Module):
         }
 
 
-def _turn_mean(values_N, turn_N):
-    """Mean over turns of each turn's mean value: () from (N,) values and their turn ids."""
+def _turn_weights(turn_N):
+    """(N,) weights that make sum(weight * value) the mean over turns of each turn's mean
+    value: 1 / (tokens in the token's turn * turns), from the (N,) turn ids."""
     _, inverse_N, counts = turn_N.unique(return_inverse=True, return_counts=True)
-    return (values_N / counts[inverse_N]).sum() / counts.numel()
+    return 1.0 / (counts[inverse_N] * counts.numel()).float()
 
 
 def _per_task(values_N, task_N, name: str) -> dict[str, float]:

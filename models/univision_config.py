@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from uniloom.kernels import check_mode
+
 
 @dataclass
 class UniVisionConfig:
@@ -45,6 +47,8 @@ class UniVisionConfig:
     temperature: float = 1.0
     cfg_text_uncond_scale: float = 1.1  # s_t in v = v_u + s_t (v_tu - v_u) + s_c (v_c - v_tu)
     cfg_cond_scale: float = 3.0  # s_c
+    # Fused ops (kernels/): auto = Triton on CUDA, the PyTorch references elsewhere
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -55,5 +59,6 @@ class UniVisionConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token must be in 1..num_experts ({self.num_experts})")
+        check_mode(self.kernels)
         if self.flow_batch_mul < 1 or self.flow_steps < 1:
             raise ValueError("flow_batch_mul and flow_steps must be at least 1")

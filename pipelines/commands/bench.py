@@ -170,3 +170,25 @@ def train_bench(workers, steps: int, rounds: int, images: int, work, cfg, as_jso
         summary = bench_train(cfg, workers or cfg.train.workers, steps, rounds, images, Path(work) if work else None,
                               echo=lambda line: click.echo(line, err=True))  # fmt: skip
     emit(summary, as_json)
+
+
+@bench.command(name="kernels")
+@click.option("--quick", is_flag=True, help="Small shapes: shows the command works, measures little.")
+@click.option("--steps", default=5, show_default=True, help="Training steps per timed window.")
+@click.option("--rounds", default=5, show_default=True, help="Timed windows of each side, alternating.")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads (a training worker's).")
+@config_options
+@json_option
+def kernels_bench(quick: bool, steps: int, rounds: int, threads: int, cfg, as_json: bool) -> None:
+    """Each fused op (kernels/) against its PyTorch reference and eager PyTorch: time,
+    and the linear cross-entropy's peak memory at a 126,464-token vocabulary; then one
+    training step of the preset with the chunked cross-entropy against eager. On CUDA
+    when a GPU is present (Triton timed there), else on the CPU (references only)."""
+    import torch
+
+    from uniloom.pipelines.kernel_bench import bench_kernels
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = bench_kernels(cfg, device, quick, lambda line: click.echo(line, err=True), steps, rounds)
+    emit(summary, as_json)

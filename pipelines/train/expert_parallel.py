@@ -89,6 +89,7 @@ class ExpertParallelExperts(GroupedExperts):
     def __init__(self, full: GroupedExperts, group, group_name: str, shadow_min_slots: int = 0, channel=None):
         nn.Module.__init__(self)
         self.group, self.group_name, self.channel = group, group_name, channel
+        self.kernels = full.kernels  # the local experts' grouped matmul (GroupedExperts.forward)
         self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.num_experts = full.w1_EFD.shape[0]
         if self.num_experts % self.ep:
