@@ -37,7 +37,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -q -m integration tests
 
 test: lint $(STAMP)
-	$(BIN)/pytest -q -rs tests
+	$(BIN)/pytest -q -rs --durations=25 tests
 
 # The whole workflow on the embedded default: tiny preset, local Ray, MLflow on SQLite, CPU.
 demo: $(STAMP)

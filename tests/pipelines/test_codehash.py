@@ -103,6 +103,7 @@ NOT_ROW_CODE = {
     "uniloom.pipelines.tokenizer.config": "a section the data stage does not read",
     "uniloom.pipelines.train.config": "a section the data stage does not read",
     "uniloom.models.univision_config": "a section the data stage does not read",
+    "uniloom.kernels": "model.kernels' validation, for that section",
     "uniloom.models.special_tokens": "the BPE's reserved tokens: the BPE is hashed as data",
     "uniloom.pipelines.tokenizer.weights": "the default weights path: the weights are hashed",
     "uniloom.pipelines.errors": "error types and messages",
