@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from uniloom.kernels import check_mode, use_triton
-from uniloom.kernels.flow_block import modulated_layer_norm, swiglu
+from uniloom.kernels.flow_block import modulated_layer_norm
+from uniloom.models.blocks import SwiGLU
 
 
 class TimestepEmbedder(nn.Module):
@@ -36,20 +37,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
-class SwiGLU(nn.Module):
-    """SwiGLU with the released head's width rule: 2/3 of mlp_mult * W, rounded to 8."""
-
-    def __init__(self, width: int, mlp_mult: float, *, kernels: str = "auto"):
-        super().__init__()
-        hidden = (int(width * mlp_mult * 2 / 3) + 7) // 8 * 8
-        self.kernels = check_mode(kernels)
-        self.w12 = nn.Linear(width, 2 * hidden)
-        self.w3 = nn.Linear(hidden, width)
-
-    def forward(self, x):  # (N, W)
-        return self.w3(swiglu(self.w12(x), triton=use_triton(self.kernels, x.device)))
-
-
 class ResBlock(nn.Module):
     """x + gate * SwiGLU(modulate(LayerNorm(x), shift, scale)), the modulation fused with
     the norm (kernels/flow_block.py)."""
@@ -58,7 +45,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.kernels = check_mode(kernels)
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = SwiGLU(width, mlp_mult, kernels=kernels)
+        hidden = (int(width * mlp_mult * 2 / 3) + 7) // 8 * 8  # the released head's rule
+        # The shared SwiGLU under the released names (w12, w3), which the checkpoints carry.
+        self.mlp = SwiGLU(width, hidden, kernels=kernels, names=("w12", "w3"))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x, y):  # x, y (N, W)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from uniloom.models import sequence
+from uniloom.models.blocks import KVCache
 from uniloom.models.special_tokens import EOS, IMAGE_END, IMAGE_PATCH, PAD, SPECIAL_IDS
-from uniloom.models.transformer import KVCache
 from uniloom.models.univision import UniVision
 
 

@@ -15,136 +15,31 @@ Because the class token comes last and the semantic decoder is causal, no patch 
 ever attends to it: dropping the class token from the semantic decoder's output is the
 same as never feeding it, so the public API carries patch tokens only.
 
+The transformer blocks, the key/value cache and the position helpers are the shared ones
+(models/blocks.py); this file keeps the three stages and the latent normalisation.
+
 Shape legend: B batch, N patch tokens (grid h x w), T sequence length, C width, D semantic
 width, P patch size, L latent dim (32).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uniloom.models.blocks import (
+    Block,
+    KVCache,
+    PatchEmbed,
+    resize_pos_embed,
+    sincos_2d,
+    square_grid,
+    unpatchify,
+)
 from uniloom.models.mingtok_config import MingTokConfig
 
-__all__ = ["KVCache", "MingTok", "MingTokConfig"]
-
-
-# ---------------------------------------------------------------------------- building blocks
-
-
-def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """2/3 of a GELU MLP's hidden size (same parameter count), rounded up to a multiple of 32."""
-    return int(math.ceil(2 * mlp_ratio * width / 3 / 32) * 32)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(width, 2 * hidden)
-        self.down = nn.Linear(hidden, width)
-
-    def forward(self, x):  # (B, T, C)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
-        return self.down(F.silu(gate) * up)
-
-
-class KVCache:
-    """Keys and values of everything a causal transformer has seen, per layer."""
-
-    def __init__(self, depth: int):
-        self.keys: list[torch.Tensor | None] = [None] * depth
-        self.values: list[torch.Tensor | None] = [None] * depth
-        self.length = 0  # tokens held; the next token's position
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, n, hd) of new tokens; return all keys/values (B, H, T, hd)."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x, causal: bool = False, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        )  # (B, H, T, hd)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)  # (B, H, past + T, hd)
-        if causal and past and T > 1:
-            # Query i sits at position past + i and sees keys 0 .. past + i.
-            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        else:
-            # A single new token may see every cached one; without a cache the usual mask.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and not past)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: attention then SwiGLU MLP."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
-
-    def forward(self, x, causal: bool = False, cache: KVCache | None = None, layer: int = 0):  # (B, T, C)
-        x = x + self.attn(self.norm1(x), causal=causal, cache=cache, layer=layer)
-        return x + self.mlp(self.norm2(x))
-
-
-def resize_pos_embed(pos: torch.Tensor, grid: int, hw: tuple[int, int]) -> torch.Tensor:
-    """Learned position embeddings of a `grid` x `grid` layout (1, grid*grid, C), resized
-    bicubically to an h x w layout (1, h*w, C) for another resolution."""
-    if hw == (grid, grid):
-        return pos
-    C = pos.shape[-1]
-    img = pos.reshape(1, grid, grid, C).permute(0, 3, 1, 2)  # (1, C, grid, grid)
-    img = F.interpolate(img.float(), size=hw, mode="bicubic", align_corners=False).to(pos.dtype)
-    return img.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], C)
-
-
-def sincos_2d(grid: int, width: int) -> torch.Tensor:
-    """(1, grid * grid, width) sin-cos embedding of a raster-ordered grid, scaled to std 0.1:
-    strong enough to matter beside the patch embeddings at initialisation."""
-    # On the CPU even when the model is built on the meta device: meta-device arange runs
-    # through decompositions that import torch._dynamo (a second per data-stage actor).
-    with torch.device("cpu"):
-        quarter = width // 4
-        freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
-        ys, xs = torch.meshgrid(
-            torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-        )
-        parts = []
-        for coord in (ys.flatten(), xs.flatten()):
-            angle = coord[:, None] * freq[None, :]  # (grid * grid, width / 4)
-            parts += [angle.sin(), angle.cos()]
-        emb = torch.cat(parts, dim=1)
-        emb = torch.cat([emb, torch.zeros(grid * grid, width - emb.shape[1], dtype=emb.dtype)], dim=1)
-        return (0.1 * emb / emb.std()).float().unsqueeze(0)
-
-
-def square_grid(n: int) -> int:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{n} tokens do not form a square grid")
-    return side
+__all__ = ["MingTok", "MingTokConfig"]
 
 
 # ---------------------------------------------------------------------------- the three stages
@@ -157,7 +52,7 @@ class LowLevelEncoder(nn.Module):
         super().__init__()
         C = cfg.enc_width
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = PatchEmbed(3, C, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, C))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))  # its position is part of it
         self.mask_token = nn.Parameter(torch.zeros(1, 1, C))
@@ -167,9 +62,8 @@ class LowLevelEncoder(nn.Module):
 
     def hidden(self, images, mask=None):  # images (B, 3, H, W); mask (B, N) bool, True = masked
         """The transformer's output before the head: (B, N + 1, C), class token last."""
-        x = self.patch_embed(images)  # (B, C, h, w)
-        B, C, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x, (h, w) = self.patch_embed(images)  # (B, N, C)
+        B = x.shape[0]
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         x = x + resize_pos_embed(self.pos_embed, self.cfg.grid, (h, w))
@@ -220,10 +114,10 @@ class SemanticDecoder(nn.Module):
         # Shortcut: repeat the latent's channels up to D, so the projection learns a residual.
         x = self.proj(z) + z.repeat_interleave(self.cfg.sem_width // L, dim=-1)  # (B, T, D)
         x = x + self.positions(start, T, total or self.cfg.num_tokens)
+        if cache is not None:  # every latent stays visible to the ones after it
+            cache.extend_mask(torch.ones(B, T, dtype=torch.bool, device=z.device))
         for i, block in enumerate(self.blocks):
             x = block(x, causal=True, cache=cache, layer=i)
-        if cache is not None:
-            cache.length += T
         return self.norm(x)  # (B, T, D)
 
 
@@ -249,9 +143,7 @@ class PixelDecoder(nn.Module):
         x = x + resize_pos_embed(self.pos_embed, 2 * self.cfg.grid, (2 * h, 2 * w))
         for block in self.blocks:
             x = block(x)
-        x = self.head(self.norm(x))  # (B, 4N, 3 * P * P)
-        x = x.view(B, 2 * h, 2 * w, 3, P, P).permute(0, 3, 1, 4, 2, 5)  # (B, 3, 2h, P, 2w, P)
-        images = x.reshape(B, 3, 2 * h * P, 2 * w * P)
+        images = unpatchify(self.head(self.norm(x)), (2 * h, 2 * w), P)  # (B, 3, H, W)
         return images.clamp(-1, 1) if clamp else images
 
 

@@ -18,13 +18,13 @@ as tensors, so any teacher whose features form a patch grid fits.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uniloom.models.contrastive import INITIAL_LOGIT_SCALE, caption_contrastive
 from uniloom.models.mingtok import MingTok
 
 
@@ -65,13 +65,11 @@ class MIMObjective(nn.Module):
         self.latent_head = mlp(cfg.latent_dim, cfg.enc_width, latent_teacher_dim)
         self.semantic_head = mlp(cfg.semantic_dim, cfg.semantic_dim, semantic_teacher_dim)
         self.text_proj = nn.Linear(cfg.semantic_dim, text_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
 
     def contrastive(self, pooled: torch.Tensor, text_table: torch.Tensor, caption: torch.Tensor):
         """pooled (B, D), text_table (U, E) locked caption embeddings, caption (B,) indices."""
-        image = F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ F.normalize(text_table, dim=-1).T
-        return F.cross_entropy(logits, caption)  # (B, U) -> the image's own caption
+        return caption_contrastive(self.text_proj(pooled), text_table, caption, self.logit_scale)
 
     def forward(
         self,

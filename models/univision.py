@@ -31,9 +31,10 @@ import torch.nn as nn
 
 from uniloom.kernels import use_triton
 from uniloom.kernels.linear_ce import linear_cross_entropy
+from uniloom.models.blocks import KVCache, RMSNorm, attention_mask, rope_angles
 from uniloom.models.flow_head import FlowHead
 from uniloom.models.sequence import IGNORE, TASKS, Batch, turn_ids
-from uniloom.models.transformer import DecoderBlock, KVCache, RMSNorm, attention_mask, rope_angles
+from uniloom.models.transformer import DecoderBlock
 from uniloom.models.univision_config import UniVisionConfig
 
 __all__ = ["DecoderOutput", "Losses", "UniVision", "UniVisionConfig", "image_features"]

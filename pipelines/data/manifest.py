@@ -47,7 +47,8 @@ CODE = {
     ],
     "uniloom.pipelines.corpus": ["render.py", "scenes.py"],  # edit targets
     "uniloom.pipelines": ["precision.py"],  # the encoder's autocast
-    "uniloom.models": ["mingtok.py", "mingtok_config.py"],  # the encoder and the shapes it derives
+    "uniloom.models": ["mingtok.py", "mingtok_config.py", "blocks.py"],  # the encoder, its shapes and blocks
+    "uniloom.kernels": ["flow_block.py", "_triton_flow_block.py"],  # the blocks' SwiGLU op
 }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from uniloom.kernels.rms_norm import rms_norm
-from uniloom.models.transformer import RMSNorm
+from uniloom.models.blocks import RMSNorm
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from uniloom.models.blocks import resize_pos_embed as resize
 from uniloom.models.mingtok import MingTok, MingTokConfig
-from uniloom.models.mingtok import resize_pos_embed as resize
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.errors import ConfigError
 

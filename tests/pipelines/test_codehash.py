@@ -104,6 +104,8 @@ NOT_ROW_CODE = {
     "uniloom.pipelines.train.config": "a section the data stage does not read",
     "uniloom.models.univision_config": "a section the data stage does not read",
     "uniloom.kernels": "model.kernels' validation, for that section",
+    "uniloom.kernels.rms_norm": "RMSNorm of models/blocks.py, which MingTok does not use",
+    "uniloom.kernels._triton_rms_norm": "RMSNorm of models/blocks.py, which MingTok does not use",
     "uniloom.models.special_tokens": "the BPE's reserved tokens: the BPE is hashed as data",
     "uniloom.pipelines.tokenizer.weights": "the default weights path: the weights are hashed",
     "uniloom.pipelines.errors": "error types and messages",
