@@ -209,20 +209,31 @@ class KVCache:
         return self._map(lambda t: t[rows])
 
 
-def attention_mask(key_mask_BS, num_new: int, doc_ids_BT=None):
+def attention_mask(key_mask_BS, num_new: int, doc_ids_BT=None, image_ids_BT=None):
     """(B, 1, T, S) bool, True = may attend, for the last `num_new` of S slots querying all
-    S, from three ingredients:
+    S, from four ingredients:
       - causality over absolute cache slots (query i of a call sits at slot S - T + i),
       - a key mask (B, S): False hides a key from every query (padding, the conditioning
         a classifier-free-guidance branch must not see),
-      - document ids (B, T) for packed rows: a token sees only its own document.
+      - document ids (B, T) for packed rows: a token sees only its own document,
+      - image ids (B, T), -1 for text: the tokens of one image also see each other's
+        later tokens, so an image is bidirectional within itself while text stays causal
+        (TUNA denoises a whole image at once). Only the new tokens are compared: with a
+        cache, an image is bidirectional when all of it is in one call.
     Every query may always see itself, so no row is empty (an empty row would give NaN,
     and 0 * NaN poisons every value that reads it)."""
     B, S = key_mask_BS.shape
     device = key_mask_BS.device
     q_slot = torch.arange(S - num_new, S, device=device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = (k_slot <= q_slot)[None] & key_mask_BS[:, None, :]  # (B, T, S)
+    order = (k_slot <= q_slot)[None]  # (1, T, S)
+    if image_ids_BT is not None:
+        if image_ids_BT.shape != (B, num_new):
+            raise ValueError(f"image ids must be (B, T) = {(B, num_new)}, got {tuple(image_ids_BT.shape)}")
+        same_image = (image_ids_BT[:, :, None] == image_ids_BT[:, None, :]) & (image_ids_BT[:, :, None] >= 0)
+        cached = torch.zeros(B, num_new, S - num_new, dtype=torch.bool, device=device)
+        order = order | torch.cat([cached, same_image], dim=2)  # (B, T, S)
+    allowed = order & key_mask_BS[:, None, :]  # (B, T, S)
     if doc_ids_BT is not None:
         if num_new != S:
             raise ValueError("document ids (packing) are for uncached forwards only")
