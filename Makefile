@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: env test lint unit integration demo bench clean
+.PHONY: env test lint unit integration demo bench gpu-check clean
 
 env: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(BIN)/uniloom bench data
 	$(BIN)/uniloom bench train
 	$(BIN)/uniloom bench kernels
+
+# On one GPU, at most 8 minutes: the GPU tests, the data stage's encoder images/s and
+# `bench train --preset base` (MFU, tokens/s, peak memory); without CUDA it says so.
+gpu-check: $(STAMP)
+	$(BIN)/python -m uniloom.pipelines.gpu_check
 
 clean:
 	rm -rf workspace .ruff_cache

@@ -15,10 +15,12 @@ from uniloom.pipelines.commands.bench import bench
 from uniloom.pipelines.commands.corpus import corpus
 from uniloom.pipelines.commands.data import data
 from uniloom.pipelines.commands.evaluate import edit, evaluate, generate
+from uniloom.pipelines.commands.model import model
 from uniloom.pipelines.commands.run import run
 from uniloom.pipelines.commands.submit import submit
 from uniloom.pipelines.commands.tokenizer import tokenizer
 from uniloom.pipelines.commands.train import train
+from uniloom.pipelines.commands.ui import ui
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.redact import redact_text
 
@@ -34,11 +36,13 @@ cli.add_command(data)
 cli.add_command(run)
 cli.add_command(evaluate)
 cli.add_command(generate)
+cli.add_command(model)
 cli.add_command(edit)
 cli.add_command(submit)
 cli.add_command(tokenizer)
 cli.add_command(bench)
 cli.add_command(train)
+cli.add_command(ui)
 
 
 def main() -> None:

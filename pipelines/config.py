@@ -38,12 +38,27 @@ class CorpusConfig:
     max_objects: int = 4
 
 
+# What MLflow can track to (its built-in stores; a SQLAlchemy URI may name a driver:
+# postgresql+psycopg2://...). Checked when the config loads, so a mistyped URI is a config
+# error rather than an MLflow exception in the middle of a stage.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc")  # fmt: skip
+
+
 @dataclass
 class TrackingConfig:
     """MLflow: an empty tracking_uri means a SQLite store inside the workspace."""
 
     tracking_uri: str = ""
     experiment: str = "uniloom"
+
+    def __post_init__(self) -> None:
+        scheme, sep, _ = self.tracking_uri.partition(":")
+        if sep and "/" not in scheme and scheme.split("+")[0].lower() not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"tracking_uri: unknown scheme '{scheme}:' (MLflow tracks to {', '.join(TRACKING_SCHEMES)}, "
+                "or a local path)"
+            )
 
 
 @dataclass
@@ -205,7 +220,11 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = _deep_merge(data, _read_yaml(path.read_text(), str(path)))
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path}: not a text file ({e.__class__.__name__})") from None
+        data = _deep_merge(data, _read_yaml(text, str(path)))
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
     return build(UniloomConfig, data)

@@ -61,7 +61,10 @@ def load_runtime_env(path: str | None) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UniloomError(f"runtime env file {file} does not exist")
-    data = yaml.safe_load(file.read_text()) or {}
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UniloomError(f"runtime env file {file}: not a YAML file ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UniloomError(f"runtime env file {file}: expected a mapping")
     return data
@@ -126,8 +129,8 @@ def submit(
     if not command:
         raise UniloomError("nothing to submit: give the uniloom command after `--`")
     token = auth_token(token_path)
+    runtime_env = load_runtime_env(runtime_env_file)  # a bad file fails before any connection
     client = _client(address, token)
-    runtime_env = load_runtime_env(runtime_env_file)
     env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", **runtime_env.pop("env_vars", {})}
     with tempfile.TemporaryDirectory(prefix="uniloom-submit-") as tmp:
         package = stage_package(Path(tmp))

@@ -1,16 +1,24 @@
 """MLflow set-up shared by every stage: where the store is, failing fast when a remote
 tracking server is unreachable, and runs nested under the workflow's parent run. What
-reaches MLflow from here (params, tags, error messages) has its secrets redacted."""
+reaches MLflow from here (params, tags, error messages) has its secrets redacted.
+
+A server that fails once a stage's run is going does not stop the stage: MLflow retries
+each request with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR: 7 retries over
+about four minutes by default), and a call that still fails is dropped and reported at the
+stage's end (RunLog). The stage's work (shards, checkpoints) is worth more than its record.
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,9 @@ from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.redact import redact, redact_text
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+log = logging.getLogger(__name__)
+PAUSE_S = 60.0  # after a call failed past MLflow's retries: calls skipped this long, doubling
+PAUSE_MAX_S = 600.0
 
 
 def tracking_uri(cfg: UniloomConfig) -> str:
@@ -100,15 +111,80 @@ def log_config(cfg: UniloomConfig) -> None:
         mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
 
 
+class RunLog:
+    """The logging calls of a run that is already going: `log(what, fn, *args)` calls
+    `fn`, and if it fails (after MLflow's own retries) records `what` as lost and goes on.
+    Once a call has failed, calls are skipped for PAUSE_S, then PAUSE_S doubled up to
+    PAUSE_MAX_S, so that a server that stays down costs the stage one wait for MLflow's
+    retries, not one per call; a call that succeeds ends the pause. `end` ends the run,
+    paused or not."""
+
+    def __init__(self, uri: str):
+        self.uri = redact_text(uri)
+        self.lost: list[str] = []
+        self.error = ""  # the last failure
+        self._pause, self._until = PAUSE_S, 0.0
+
+    def __call__(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        if time.monotonic() < self._until:
+            self.lost.append(what)
+            return False
+        return self._call(what, fn, *args, **kwargs)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the active run, even during a pause: MLflow forgets a run in this process
+        only through end_run (which drops it before it calls the server), and a run left
+        active would be the parent of the next stage's run."""
+        import mlflow
+
+        self._call("the run's end", mlflow.end_run, status)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # only MLflow's calls run here: whatever fails is the store's
+            self.error = f"{e.__class__.__name__}: {redact_text(str(e))[:300]}"
+            self.lost.append(what)
+            log.warning(
+                "MLflow tracking server %s failed (%s); the run goes on without it", self.uri, self.error
+            )
+            self._until = time.monotonic() + self._pause
+            self._pause = min(2 * self._pause, PAUSE_MAX_S)
+            return False
+        self._pause, self._until = PAUSE_S, 0.0
+        return True
+
+    def report(self) -> str | None:
+        """One line on what never reached the store, or None when everything did."""
+        if not self.lost:
+            return None
+        more = f" and {len(self.lost) - 3} more" if len(self.lost) > 3 else ""
+        return (
+            f"MLflow tracking server {self.uri} failed during the run ({self.error}); "
+            f"not logged: {', '.join(self.lost[:3])}{more}"
+        )
+
+
 @contextlib.contextmanager
-def stage_run(cfg: UniloomConfig, name: str, tags: dict[str, Any] | None = None) -> Iterator[Any]:
+def stage_run(
+    cfg: UniloomConfig, name: str, tags: dict[str, Any] | None = None, log: RunLog | None = None
+) -> Iterator[Any]:
     """An MLflow run for one stage: nested under the active (workflow) run if there is
-    one, else a top-level run. Logs the config as params."""
+    one, else a top-level run. Logs the config as params. The run is started while the
+    server is known to answer (a failure here is the stage's); it is ended through `log`,
+    the caller's RunLog if it logs through one, so a server gone mid-run does not fail a
+    stage that has done its work."""
     import mlflow
 
     configure(cfg)
+    log = log or RunLog(tracking_uri(cfg))
     nested = mlflow.active_run() is not None
     tags = {"uniloom.stage": name, **redact(tags or {})}
-    with mlflow.start_run(run_name=name, nested=nested, tags=tags) as run:
+    run = mlflow.start_run(run_name=name, nested=nested, tags=tags)
+    status = "FAILED"
+    try:
         log_config(cfg)
         yield run
+        status = "FINISHED"
+    finally:
+        log.end(status)

@@ -171,11 +171,12 @@ def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
 
 def _eval(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.evaluate.report import format_table, log_evaluation
-    from uniloom.pipelines.evaluate.univision import evaluate_bundle, load_bundle
+    from uniloom.pipelines.evaluate.univision import evaluate_bundle, load_bundle, on_device
 
     bundle = load_bundle(
         done["train"].outputs["export"], done["data"].outputs["shards"], cfg.data.storage_options
     )
+    bundle = on_device(bundle, cfg.eval)
     _echo(f"{cfg.eval.scenes} test scenes (corpus seed {cfg.corpus.seed})")
     evaluation = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed, cfg.corpus.max_objects)
     for line in format_table(evaluation.metrics).splitlines():

@@ -66,7 +66,7 @@ def _table(summary: dict) -> dict:
 def run_command(inputs: tuple[str, ...], output: str, cfg, as_json: bool) -> None:
     """Process the new and changed input shards; remove outputs of vanished ones."""
     from uniloom.pipelines.data.runner import preflight, run
-    from uniloom.pipelines.tracking import stage_run
+    from uniloom.pipelines.tracking import RunLog, stage_run, tracking_uri
 
     # bad weights, inputs or a busy output fail before any run is recorded
     preflight(cfg, list(inputs), output)
@@ -79,10 +79,13 @@ def run_command(inputs: tuple[str, ...], output: str, cfg, as_json: bool) -> Non
             err=True,
         )
 
-    with stage_run(cfg, "data", tags={"uniloom.output": output}):
+    tracked = RunLog(tracking_uri(cfg))
+    with stage_run(cfg, "data", tags={"uniloom.output": output}, log=tracked):
         summary = run(cfg, list(inputs), output, on_commit=committed)
-        _log_run(summary)
+        tracked("the run's metrics and summary", _log_run, summary)
     emit(summary if as_json else _table(summary), as_json)
+    if lost := tracked.report():  # the output is complete: a warning, not a failure
+        click.echo(f"warning: {lost}", err=True)
     if summary["errors"]:
         raise UniloomError(f"{len(summary['errors'])} input shard(s) failed: " + "; ".join(summary["errors"]))
 

@@ -106,6 +106,7 @@ def generate(
     import torch
 
     from uniloom.models.generation import generate as generate_images
+    from uniloom.pipelines.device import device_of, generator
     from uniloom.pipelines.evaluate.loading import resolve_model
     from uniloom.pipelines.tokenizer.data import to_uint8
 
@@ -121,7 +122,7 @@ def generate(
             bundle.tokenizer,
             [ids] * num,
             steps=steps,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator(device_of(bundle.model), seed),
         )
     emit({"prompt": prompt, "images": _save(to_uint8(turn.images), out, "generated")}, as_json)
 
@@ -149,6 +150,7 @@ def edit(
     import torch
 
     from uniloom.models.generation import edit as edit_round
+    from uniloom.pipelines.device import device_of, generator
     from uniloom.pipelines.evaluate.loading import resolve_model
     from uniloom.pipelines.tokenizer.data import decode_image, to_uint8, to_unit
 
@@ -156,8 +158,9 @@ def edit(
         raise UniloomError("an --instruction is empty")
     bundle = resolve_model(cfg, model)
     pixels = decode_image(image.read_bytes(), bundle.tokenizer.cfg.image_size, str(image))
-    source = to_unit(pixels[None])
-    state, paths, gen = None, [], torch.Generator().manual_seed(seed)
+    where = device_of(bundle.model)
+    source = to_unit(pixels[None], where)
+    state, paths, gen = None, [], generator(where, seed)
     with torch.no_grad():
         for round_index, text in enumerate(instructions):
             turn = edit_round(bundle.model, bundle.tokenizer, state, [bundle.encode(text)],

@@ -36,11 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uniloom.pipelines.data.dedup import DedupIndex, index_table
-from uniloom.pipelines.data.fs import is_local, join, replace, tmp_path
+from uniloom.pipelines.data.fs import is_local, join, replace, store_error, tmp_path
 from uniloom.pipelines.data.lock import OutputLock
 from uniloom.pipelines.data.manifest import (
+    TABLES,
     Manifest,
     StageIdentity,
+    entry_files,
     input_meta,
     output_name,
     shard_fingerprint,
@@ -48,8 +50,6 @@ from uniloom.pipelines.data.manifest import (
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.data.schema import REJECTED_SCHEMA, output_schema
 from uniloom.pipelines.data.stages import END, ERROR, FILTERED, OK, QUARANTINED
-
-TABLES = {"output": "shards", "quarantine": "_quarantine", "filtered": "_filtered", "index": "_index"}
 
 
 @dataclass
@@ -96,14 +96,6 @@ def write_parquet(fs, root: str, table: pa.Table, path: str) -> None:
     replace(fs, tmp, path)
 
 
-def entry_files(shard_id: str, entry: dict[str, Any]) -> dict[str, str]:
-    """A manifest entry's files, relative to the output (entries of version-1 manifests
-    name only the output; their files have the shard's plain name)."""
-    if "files" in entry:
-        return entry["files"]
-    return {kind: f"{folder}/{output_name(shard_id)}" for kind, folder in TABLES.items()}
-
-
 def shard_paths(manifest: Manifest, shard_id: str) -> dict[str, str]:
     """The paths of a committed shard's files, by kind (output, quarantine, ...)."""
     files = entry_files(shard_id, manifest.shards[shard_id])
@@ -123,11 +115,13 @@ def write_named(fs, root: str, folder: str, shard_id: str, table: pa.Table) -> s
         return rel
     if is_local(fs):  # appears whole: a kill mid-write leaves only a file under _tmp
         tmp = tmp_path(root, ".parquet")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        replace(fs, tmp, path)
+        with store_error(fs, "write", path, tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+            replace(fs, tmp, path)
     else:  # one PUT: an object appears whole or not at all
-        fs.pipe_file(path, data)
+        with store_error(fs, "write", path):
+            fs.pipe_file(path, data)
     return rel
 
 
@@ -153,7 +147,8 @@ class Committer:
         self.on_commit = on_commit
         fs, root = manifest.fs, manifest.root
         for folder in ("_tmp", *TABLES.values()):
-            fs.makedirs(join(root, folder), exist_ok=True)
+            with store_error(fs, "write", join(root, folder)):
+                fs.makedirs(join(root, folder), exist_ok=True)
 
     def add(self, block: pa.Table) -> None:
         self.row_schema = block.schema  # markers carry it too, so a shard without rows has it
@@ -204,7 +199,11 @@ class Committer:
                 "output": files["output"],
                 "files": files,
                 "rows": counts,
-                "dedup_against": sorted(owners - {shard.id}),
+                # each owner with the index it had: the planner redoes this shard when the
+                # owner's kept rows change, even if a kill came between the two commits
+                "dedup_against": {
+                    o: entry_files(o, self.manifest.shards[o])["index"] for o in sorted(owners - {shard.id})
+                },
                 "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
@@ -292,7 +291,8 @@ def _delete(manifest: Manifest, rels: set[str]) -> None:
     paths = [join(manifest.root, rel) for rel in sorted(rels)]
     paths = [p for p in paths if manifest.fs.exists(p)]
     if paths:
-        manifest.fs.rm(paths)
+        with store_error(manifest.fs, "delete", paths[0]):
+            manifest.fs.rm(paths)
 
 
 def remove_shard(manifest: Manifest, shard_id: str) -> None:
@@ -319,5 +319,6 @@ def sweep(manifest: Manifest) -> int:
             continue
         stray += [f for f in listed if folder == "_tmp" or f not in owned]
     if stray:
-        fs.rm(stray)
+        with store_error(fs, "delete", stray[0]):
+            fs.rm(stray)
     return len(stray)

@@ -7,9 +7,11 @@ with the shard's commit, so it always describes exactly the committed shards.
 
 Rule: the first committed occurrence wins, and within a run shards commit in id order
 (rows in key order), so the result does not depend on task timing and a killed run's
-rerun keeps the same rows as a clean run. A shard that lost rows to another records it
-(`dedup_against` in the manifest); if that owner is later reprocessed or removed, the
-planner reprocesses the loser too, so a picture never disappears with its owner.
+rerun keeps the same rows as a clean run. A shard that lost rows to another records it,
+with the owner's index file at the time (`dedup_against` in the manifest); if that owner
+is later reprocessed or removed, the planner reprocesses the loser too, so a picture never
+disappears with its owner. The recorded index file makes this hold across a kill between
+the owner's commit and the loser's: the next run sees the owner's index moved.
 
 A redone shard that fails to read keeps its previous output, but the run deduplicated
 the other shards without its hashes (redone shards are not in the index). After the run,
@@ -27,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from uniloom.pipelines.data.config import FilterConfig
+from uniloom.pipelines.data.manifest import moved_owners
 from uniloom.pipelines.data.schema import INDEX_SCHEMA
 
 EXACT, NEAR = "exact_dup", "near_dup"
@@ -149,6 +152,8 @@ def stale_failures(
     for sid in order.static_order():
         if owners := sorted(pending[sid] & changed):
             withdrawn[sid] = f"it lost duplicates to {', '.join(owners)}, which changed in this run"
+        elif owners := moved_owners(entries[sid], entries):  # in a run killed before this one
+            withdrawn[sid] = f"it lost duplicates to {', '.join(owners)}, which changed after its commit"
         else:
             table = read_index(sid)
             shas, phashes = (

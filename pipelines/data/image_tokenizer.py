@@ -131,12 +131,26 @@ class Encoder:
 
         torch.set_num_threads(exec_cfg["torch_threads"])
         self.cfg = MingTokConfig(**mingtok)
-        self.device = "cuda" if exec_cfg["actor_gpus"] > 0 and torch.cuda.is_available() else "cpu"
+        # An actor given GPUs (num_gpus = actor_gpus) encodes on one; it refuses to run
+        # without the GPU it was given rather than encode on the CPU unnoticed.
+        self.device = "cuda" if exec_cfg["actor_gpus"] > 0 else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UniloomError(
+                f"data.exec.actor_gpus is {exec_cfg['actor_gpus']}, but the encoder actor sees no GPU"
+            )
         self.precision = resolve(precision, self.device)
         weights = read_weights(weights_uri, storage_options)
         self.model = load_encoder(self.cfg, weights, weights_uri, self.device).eval()
         self.batch = exec_cfg["encode_batch"]
         self.dtype = np.dtype(latent_dtype)
+        # On a GPU each batch of pixels goes through pinned host memory, so its copy to the
+        # GPU runs asynchronously (a pageable array is staged by the driver first).
+        S = self.cfg.image_size
+        self.staging = (
+            torch.empty((self.batch, S, S, 3), dtype=torch.uint8, pin_memory=True)
+            if self.device == "cuda"
+            else None
+        )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 -> latents (n, N, L) in the output dtype."""
@@ -147,7 +161,10 @@ class Encoder:
         out = []
         with torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(pixels), self.batch):
-                x = torch.from_numpy(pixels[start : start + self.batch]).to(self.device)
+                x = torch.from_numpy(pixels[start : start + self.batch])
+                if self.staging is not None:  # the last batch's .cpu() waited for the GPU: it is free
+                    x = self.staging[: len(x)].copy_(x)
+                x = x.to(self.device, non_blocking=True)
                 x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
                 out.append(self.model.encode(x).float().cpu().numpy())
         return np.concatenate(out).astype(self.dtype, copy=False)

@@ -49,6 +49,8 @@ class Open(RowStage):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # PIL's own cap, 2 x Image.MAX_IMAGE_PIXELS
+            raise Quarantine(f"decompression bomb: {e}") from None
         except Exception as e:  # untrusted bytes: any failure is this row's, never the run's
             raise Quarantine(f"not a readable image ({e.__class__.__name__})") from None
         w, h = img.size
@@ -56,12 +58,19 @@ class Open(RowStage):
             raise Quarantine(f"{w}x{h} pixels exceed max_pixels {self.max_pixels}")
         if w < 1 or h < 1:
             raise Quarantine(f"empty image ({w}x{h})")
+        if img.mode == "F":  # a float TIFF: 0-1, 0-255 or physical units, the file does not say
+            raise Quarantine("floating-point pixels (mode F) have no known 8-bit scale")
         return img, w, h
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent pixels over white rather than black."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    """RGB; transparent pixels over white rather than black; 16-bit greys (PIL's I;16 of
+    PNG and TIFF, and I of 16-bit PGM) scaled to 8 bits, where PIL's convert would clip
+    every value over 255 to white."""
+    if img.mode.startswith("I"):
+        grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))

@@ -27,7 +27,7 @@ import uuid
 import warnings
 from typing import Any
 
-from uniloom.pipelines.data.fs import is_local, join, open_fs, to_uri
+from uniloom.pipelines.data.fs import is_local, join, open_fs, store_error, to_uri
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.process import alive
 
@@ -62,10 +62,11 @@ class OutputLock:
 
     def _read(self) -> dict[str, Any] | None:
         """The lease as stored; None when there is none."""
-        try:
-            raw = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
+        with store_error(self.fs, "read", self.path):
+            try:
+                raw = self.fs.cat_file(self.path)
+            except FileNotFoundError:
+                return None
         try:
             lease = json.loads(raw)
             if not isinstance(lease, dict) or not {"owner", "host", "pid", "expires"} <= lease.keys():
@@ -95,33 +96,36 @@ class OutputLock:
 
     def _create(self, data: bytes) -> bool:
         """Write the lease if no lease exists; False if one does."""
-        if not self.local:
-            self.fs.makedirs(self.root, exist_ok=True)
+        with store_error(self.fs, "write", self.path):
+            if not self.local:
+                self.fs.makedirs(self.root, exist_ok=True)
+                try:
+                    self.fs.pipe_file(self.path, data, mode="create")
+                except FileExistsError:
+                    return False
+                return True
+            os.makedirs(self.root, exist_ok=True)
+            tmp = f"{self.path}.{self.id}.tmp"
             try:
-                self.fs.pipe_file(self.path, data, mode="create")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.link(tmp, self.path)  # appears whole, and only if the name is free
+                return True
             except FileExistsError:
                 return False
-            return True
-        os.makedirs(self.root, exist_ok=True)
-        tmp = f"{self.path}.{self.id}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, self.path)  # appears whole, and only if the name is free
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
     def _write(self, data: bytes) -> None:
-        if not self.local:
-            self.fs.pipe_file(self.path, data)
-            return
-        tmp = f"{self.path}.{self.id}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.path)
+        with store_error(self.fs, "write", self.path):
+            if not self.local:
+                self.fs.pipe_file(self.path, data)
+                return
+            tmp = f"{self.path}.{self.id}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
 
     def acquire(self) -> OutputLock:
         for _ in range(3):  # a takeover that loses a race looks again

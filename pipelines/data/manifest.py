@@ -29,7 +29,7 @@ from importlib import resources
 from typing import Any
 
 from uniloom.pipelines.data.config import DataConfig
-from uniloom.pipelines.data.fs import join, open_fs, to_uri, write_atomic
+from uniloom.pipelines.data.fs import join, open_fs, store_error, to_uri, write_atomic
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.errors import UniloomError
 
@@ -37,6 +37,8 @@ MANIFEST = "_manifest.json"
 LOG = "_manifest/log"
 VERSION = 2
 READABLE = (1, 2)
+# A shard's files by kind, and the folder of each (pipelines/data/commit.py writes them)
+TABLES = {"output": "shards", "quarantine": "_quarantine", "filtered": "_filtered", "index": "_index"}
 # Source files that decide what a row contains: editing one reprocesses every shard. The
 # MingTok and BPE configs and contents are fingerprinted as data (config hash, weights
 # hash, tokenizer hash), so only code that computes rows is listed.
@@ -106,6 +108,14 @@ def output_name(shard_id: str) -> str:
     return f"{safe}.parquet"
 
 
+def entry_files(shard_id: str, entry: dict[str, Any]) -> dict[str, str]:
+    """A manifest entry's files, relative to the output (entries of version-1 manifests
+    name only the output; their files have the shard's plain name)."""
+    if "files" in entry:
+        return entry["files"]
+    return {kind: f"{folder}/{output_name(shard_id)}" for kind, folder in TABLES.items()}
+
+
 class Manifest:
     def __init__(self, out: str, storage_options: dict[str, Any]):
         self.fs, self.root = open_fs(out, storage_options)
@@ -127,10 +137,11 @@ class Manifest:
 
     def _read(self) -> str | None:
         """Snapshot, then the newer records; what is wrong if they do not follow on from it."""
-        try:
-            blob = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            blob = None
+        with store_error(self.fs, "read", self.path):
+            try:
+                blob = self.fs.cat_file(self.path)
+            except FileNotFoundError:
+                blob = None
         if blob is not None:
             self.data = self._json(self.path, blob)
             if self.data.get("version") not in READABLE:
@@ -216,6 +227,20 @@ class Manifest:
             self.fs.rm(old)
 
 
+def moved_owners(entry: dict[str, Any], entries: dict[str, dict[str, Any]]) -> list[str]:
+    """The shards `entry` lost duplicates to whose kept rows are no longer those it was
+    deduplicated against: gone from `entries`, or committed since with another index file.
+    `dedup_against` maps each owner to its index file at this entry's commit (older entries
+    list owner ids only, which shows only a gone owner)."""
+    against = entry.get("dedup_against", {})
+    recorded = against if isinstance(against, dict) else dict.fromkeys(against)
+    return sorted(
+        owner
+        for owner, index in recorded.items()
+        if owner not in entries or index not in (None, entry_files(owner, entries[owner])["index"])
+    )
+
+
 @dataclass
 class Plan:
     done: list[str] = field(default_factory=list)
@@ -249,10 +274,12 @@ def plan(shards: list[InputShard], hashes: dict[str, str], stage: StageIdentity,
             p.done.append(s.id)
     p.removed = sorted(sid for sid in entries if sid not in by_id)
     # A shard that dropped duplicates owned by a shard being redone or removed must be
-    # redone as well (transitively), or those pictures would vanish from the output.
+    # redone as well (transitively), or those pictures would vanish from the output; so
+    # must one whose owner changed in a run killed before it was redone.
     changed = set(p.reasons) | set(p.removed)
+    moved = {sid for sid in p.done if moved_owners(entries[sid], entries)}
     while True:
-        hit = [sid for sid in p.done if changed & set(entries[sid].get("dedup_against", []))]
+        hit = [sid for sid in p.done if sid in moved or changed & set(entries[sid].get("dedup_against", []))]
         if not hit:
             break
         for sid in hit:

@@ -17,6 +17,7 @@ such row is quarantined with the reason, so read = written + filtered + quaranti
 
 from __future__ import annotations
 
+import gzip
 import json
 import posixpath
 import tarfile
@@ -99,9 +100,14 @@ def _too_big(what: str, cap: int) -> str:
 
 def _read_files(fs, paths: list[str], cap: int) -> dict[str, bytes | None]:
     """Many small files in one call (concurrent on object stores), at most cap + 1 bytes of
-    each so an oversized one is seen without being read whole; unreadable ones are None.
-    Byte ranges rather than `fs.cat`, which would expand `*?[` in names as globs."""
+    each so an oversized one is seen without being read whole; missing ones are None (their
+    row is quarantined). Any other failure is the store's, not the row's (a quarantined row
+    is never read again), so it fails the shard, which the next run retries. Byte ranges
+    rather than `fs.cat`, which would expand `*?[` in names as globs."""
     out = fs.cat_ranges(paths, 0, cap + 1, on_error="return") if paths else []
+    for path, value in zip(paths, out):
+        if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+            raise ShardError(f"could not read {path} ({value.__class__.__name__}: {value})")
     return {p: (v if isinstance(v, bytes) else None) for p, v in zip(paths, out)}
 
 
@@ -158,8 +164,10 @@ def read_tar(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
                     refused.setdefault(key, why)
                 else:
                     members[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
         raise ShardError(f"not a readable tar ({e.__class__.__name__}: {e})") from None
+    except OSError as e:  # the store failed (after its client's own retries): not the tar's fault
+        raise ShardError(f"could not read the tar ({e.__class__.__name__}: {e})") from None
     blocks = RowBlocks(cfg.exec.block_rows)
     for key in sorted(samples):
         members = samples.pop(key)

@@ -13,6 +13,9 @@ class EvalConfig:
     batch: int = 8
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (uniloom.pipelines.precision.resolve)
+    # auto | cpu | cuda: where eval, generate and edit load the model (auto: this machine's
+    # GPU where it has one; pipelines/device.py)
+    device: str = "auto"
     # Sampling, chosen on the validation split (`uniloom eval --tune`); None: the model's own.
     flow_steps: int = 0  # 0: the model's own flow_steps
     guidance: bool = True

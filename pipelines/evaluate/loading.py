@@ -7,10 +7,15 @@ from pathlib import Path
 
 from uniloom.pipelines.config import UniloomConfig
 from uniloom.pipelines.errors import UniloomError
-from uniloom.pipelines.evaluate.univision import Bundle, load_bundle
+from uniloom.pipelines.evaluate.univision import Bundle, load_bundle, on_device
 
 
 def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
+    """The model and its MingTok on eval.device (resolved on this machine)."""
+    return on_device(_load(cfg, model), cfg.eval)
+
+
+def _load(cfg: UniloomConfig, model: str | None) -> Bundle:
     from uniloom.pipelines.train.trainer import export_path, shards_uri
 
     if model and ":/" in model:

@@ -46,11 +46,41 @@ class Bundle:
 
 
 def load_bundle(export: str, shards: str, storage_options: dict | None = None) -> Bundle:
-    from uniloom.pipelines.train.registry import load_export
+    """The export and the text tokenizer it carries. An export made before exports carried
+    one reads it from beside `shards`, the data output it was trained on."""
+    from uniloom.pipelines.data.text_tokenizer import fingerprint
+    from uniloom.pipelines.errors import UniloomError
+    from uniloom.pipelines.train.registry import embedded_text_tokenizer, load_export
     from uniloom.pipelines.train.trainer import text_tokenizer
 
     model, tokenizer, metadata = load_export(export)
-    return Bundle(model, tokenizer, text_tokenizer(shards, storage_options or {}), metadata)
+    text = embedded_text_tokenizer(metadata, export)
+    if text is None:
+        try:
+            text = text_tokenizer(shards, storage_options or {})
+        except (OSError, KeyError, ValueError, UniloomError) as e:
+            raise UniloomError(
+                f"{export} carries no text tokenizer (exported by an older uniloom) and none is readable "
+                f"beside the shards {shards} ({type(e).__name__}: {e}); set train.shards to the data "
+                "output the model was trained on"
+            ) from None
+        if fingerprint(text) != metadata.get("text_tokenizer"):
+            raise UniloomError(
+                f"{export} was trained with text tokenizer {metadata.get('text_tokenizer')}, but the "
+                f"shards {shards} now have {fingerprint(text)}; set train.shards to the data output "
+                "the model was trained on"
+            )
+    return Bundle(model, tokenizer, text, metadata)
+
+
+def on_device(bundle: Bundle, e: EvalConfig) -> Bundle:
+    """`bundle` with its model and MingTok moved to eval.device, resolved on this machine."""
+    from uniloom.pipelines import device
+
+    where = device.resolve(e.device, device.local_gpus(), "eval.device")
+    bundle.model.to(where)
+    bundle.tokenizer.to(where)
+    return bundle
 
 
 def _batches(items: list, size: int):
@@ -58,10 +88,11 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def _unit(images: list[np.ndarray]):
+def _unit(images: list[np.ndarray], device):
+    """(B, H, W, 3) uint8 renders -> the model's input (B, 3, H, W) in [-1, 1] on `device`."""
     from uniloom.pipelines.tokenizer.data import to_unit
 
-    return to_unit(np.stack(images).transpose(0, 3, 1, 2))
+    return to_unit(np.stack(images).transpose(0, 3, 1, 2), device)
 
 
 def _render(objects: list[dict[str, Any]], size: int) -> np.ndarray:
@@ -85,11 +116,13 @@ def model_callables(bundle: Bundle, e: EvalConfig):
     import torch
 
     from uniloom.models.generation import edit, generate, generate_text
+    from uniloom.pipelines.device import device_of, generator
     from uniloom.pipelines.tokenizer.data import to_uint8
 
     size = bundle.tokenizer.cfg.image_size
     mc = bundle.model.cfg
-    gen = torch.Generator().manual_seed(e.seed)
+    where = device_of(bundle.model)
+    gen = generator(where, e.seed)
     scales = (
         mc.cfg_text_uncond_scale if e.cfg_text_uncond_scale is None else e.cfg_text_uncond_scale,
         mc.cfg_cond_scale if e.cfg_cond_scale is None else e.cfg_cond_scale,
@@ -109,7 +142,7 @@ def model_callables(bundle: Bundle, e: EvalConfig):
     def answer(items: list[EvalItem], questions: list[str]) -> list[str]:
         out = []
         for chunk in _batches(list(zip(items, questions, strict=True)), e.batch):
-            images = _unit([_render(i.scene["objects"], size) for i, _ in chunk])
+            images = _unit([_render(i.scene["objects"], size) for i, _ in chunk], where)
             turn = generate_text(bundle.model, [bundle.encode(q) for _, q in chunk], tokenizer=bundle.tokenizer,
                                  images=images, max_new_tokens=8, temperature=e.text_temperature,
                                  generator=gen, all_done=bundle.all_done)  # fmt: skip
@@ -125,7 +158,11 @@ def model_callables(bundle: Bundle, e: EvalConfig):
             state, rounds = None, []
             for r in range(len(chunk[0].scene["edits"])):
                 ids = [bundle.encode(i.scene["edits"][r]["instruction"]) for i in chunk]
-                sources = _unit([_render(i.scene["objects"], size) for i in chunk]) if state is None else None
+                sources = (
+                    _unit([_render(i.scene["objects"], size) for i in chunk], where)
+                    if state is None
+                    else None
+                )
                 turn = edit(bundle.model, bundle.tokenizer, state, ids, source_images=sources, **sampling)
                 state = turn.state
                 rounds.append(to_uint8(turn.images))
@@ -164,10 +201,12 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
 
     from uniloom.models import sequence
     from uniloom.models.univision import image_features
+    from uniloom.pipelines.device import device_of, generator
     from uniloom.pipelines.tokenizer.data import to_uint8
 
     model, tok = bundle.model, bundle.tokenizer
-    gen = torch.Generator().manual_seed(e.seed)
+    where = device_of(model)
+    gen = generator(where, e.seed)
     size, n = tok.cfg.image_size, tok.cfg.num_tokens
     steps = e.flow_steps or model.cfg.flow_steps
     temperature = model.cfg.temperature if e.temperature is None else e.temperature
@@ -175,13 +214,13 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(e.seed)  # the flow loss's times and noise
         for chunk in _batches(items, e.batch):
-            z_BNC = tok.encode(_unit([_render(i.scene["objects"], size) for i in chunk]))
+            z_BNC = tok.encode(_unit([_render(i.scene["objects"], size) for i in chunk], where)).cpu()
             batch = sequence.collate(
                 [
                     sequence.text_to_image(bundle.encode(i.scene["caption"]), z_NC)
                     for i, z_NC in zip(chunk, z_BNC)
                 ]
-            )
+            ).to(where)
             features = image_features(tok, batch.image_latents, n)
             hidden = model(batch.input_ids, features, batch.image_mask, position_ids_BT=batch.position_ids,
                            doc_ids_BT=batch.doc_ids).hidden  # fmt: skip

@@ -23,9 +23,12 @@ class TokenizerConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    # bf16: forward under CPU autocast (weights, optimiser fp32); auto: bf16 where this
-    # machine runs it faster than fp32 (pipelines/precision.py)
+    # bf16: forward under autocast (weights, optimiser fp32); auto: bf16 on CUDA and on CPUs
+    # that run it faster than fp32 (pipelines/precision.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Where the workers compute: cuda (one GPU each, NCCL), cpu (gloo), or auto: cuda when
+    # the Ray cluster has a GPU for every worker (pipelines/device.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     mask_ratio: float = 0.4  # share of patches masked in a masked sample
     masked_fraction: float = 0.5  # share of samples in a batch that are masked; the rest go in whole
     weight_pixel: float = 1.0  # (c) L1 reconstruction
@@ -42,7 +45,7 @@ class TokenizerConfig:
     checkpoint_interval: int = 200
     log_interval: int = 20
     seed: int = 0
-    num_workers: int = 1  # Ray Train workers (gloo)
+    num_workers: int = 1  # Ray Train workers
     cpus_per_worker: float = 1.0  # Ray resources asked per worker
     threads: int = 2  # torch threads per worker
     materialize: bool = True  # keep the decoded corpus in the object store across epochs

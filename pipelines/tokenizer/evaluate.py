@@ -15,6 +15,7 @@ from skimage.metrics import structural_similarity
 from uniloom.models.mingtok import MingTok
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import COLORS, SHAPES, sample_scene, scene_objects
+from uniloom.pipelines.device import device_of
 from uniloom.pipelines.evaluate.detector import detect, scene_recovered
 from uniloom.pipelines.tokenizer.data import Samples, to_uint8, to_unit
 
@@ -50,7 +51,11 @@ def grid_image(originals: np.ndarray, recons: np.ndarray, columns: int = 8) -> I
 def reconstruct_all(model: MingTok, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """uint8 (B, 3, H, W) in -> uint8 (B, H, W, 3) reconstructions out."""
     model.eval()
-    out = [to_uint8(model.reconstruct(to_unit(images[i : i + batch]))) for i in range(0, len(images), batch)]
+    where = device_of(model)
+    out = [
+        to_uint8(model.reconstruct(to_unit(images[i : i + batch], where)))
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate(out) if out else np.zeros((0, *images.shape[2:], 3), np.uint8)
 
 
@@ -58,9 +63,10 @@ def reconstruct_all(model: MingTok, images: np.ndarray, batch: int = 64) -> np.n
 def pooled_features(model: MingTok, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """Mean-pooled semantic features (B, D) of uint8 images (B, 3, H, W)."""
     model.eval()
-    out = []
+    where, out = device_of(model), []
     for i in range(0, len(images), batch):
-        out.append(model.decode_semantic(model.encode(to_unit(images[i : i + batch]))).mean(1).numpy())
+        features = model.decode_semantic(model.encode(to_unit(images[i : i + batch], where)))
+        out.append(features.mean(1).float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from uniloom.models.mingtok import MingTok
-from uniloom.pipelines import precision
+from uniloom.pipelines import device, precision
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.tokenizer.evaluate import grid_image, psnr, reconstruct_all, ssim
 from uniloom.pipelines.tokenizer.step import MIMTraining
@@ -129,7 +129,9 @@ def _agree(elapsed: float, done: bool, world: int) -> tuple[float, bool]:
     the same step (each process's clock differs a little)."""
     if world == 1:
         return elapsed, done
-    value = torch.tensor([elapsed, 1.0 if done else 0.0], dtype=torch.float64)
+    value = torch.tensor(
+        [elapsed, 1.0 if done else 0.0], dtype=torch.float64, device=device.collective_device()
+    )
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return float(value[0]), bool(value[1])
 
@@ -143,7 +145,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(t.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    training = MIMTraining(cfg.mingtok, t, config["text"])
+    where = device.resolve(t.device, device.local_gpus(), "tokenizer.device")  # the GPUs Ray gave it
+    if where == "cuda":
+        torch.cuda.set_device(ray.train.torch.get_device())
+    training = MIMTraining(cfg.mingtok, t, config["text"], where)
     state = {"step": 0, "elapsed": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -154,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if world > 1:
         training.wrapped = ray.train.torch.prepare_model(training.module)
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"] if rank == 0 else "")
-    tracker.tags(precision.tags("tokenizer", t.precision, "cpu"))
+    tracker.tags(precision.tags("tokenizer", t.precision, training.device))
     eval_images = np.asarray(config["eval_images"], dtype=np.uint8)
     budget = Budget(t.steps, t.max_minutes)
     shard = ray.train.get_dataset_shard("train")

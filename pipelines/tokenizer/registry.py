@@ -13,19 +13,23 @@ REGISTERED_NAME = "uniloom-mingtok"
 
 class MingTokPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from uniloom.pipelines.device import local_device
         from uniloom.pipelines.tokenizer.weights import load_mingtok
 
-        self.model = load_mingtok(context.artifacts["weights"])
+        self.model = load_mingtok(context.artifacts["weights"]).to(local_device())  # the server's GPU if any
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch
 
         if isinstance(model_input, dict):  # a named tensor signature hands in {"images": array}
             model_input = model_input["images"]
+        from uniloom.pipelines.device import device_of
+        from uniloom.pipelines.tokenizer.data import to_unit
+
         images = np.asarray(model_input, dtype=np.uint8)  # (B, H, W, 3)
-        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float().div(127.5).sub(1.0)
+        x = to_unit(images.transpose(0, 3, 1, 2), device_of(self.model))
         with torch.no_grad():
-            return self.model.encode(x).numpy()
+            return self.model.encode(x).float().cpu().numpy()
 
 
 def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim: int, register: bool):

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from uniloom.models.mingtok import MingTok, MingTokConfig
 from uniloom.models.mingtok_loss import LossWeights, MIMObjective
-from uniloom.pipelines import precision
+from uniloom.pipelines import device, precision
 from uniloom.pipelines.tokenizer.config import TokenizerConfig
 from uniloom.pipelines.tokenizer.teachers import Teachers
 
@@ -61,19 +61,22 @@ def learning_rate(t: TokenizerConfig, step: int) -> float:
 
 
 class MIMTraining:
-    """Model, heads, teachers and optimiser of one worker, and the step that updates them."""
+    """Model, heads, teachers and optimiser of one worker, and the step that updates them,
+    on `where` ("cpu" or "cuda": tokenizer.device resolved on the worker's machine). The
+    weights are made on the CPU from the seed, so every device starts from the same ones."""
 
-    def __init__(self, mcfg: MingTokConfig, t: TokenizerConfig, text_table: np.ndarray):
+    def __init__(self, mcfg: MingTokConfig, t: TokenizerConfig, text_table: np.ndarray, where: str = "cpu"):
         torch.manual_seed(t.seed)  # identical initial weights on every worker
         self.t = t
-        self.precision = precision.resolve(t.precision, "cpu")  # "auto": measured on this machine
         self.model = MingTok(mcfg)
         self.teachers = Teachers(t.teacher, t.semantic_teacher, self.model, t.ema_decay)
-        self.text = torch.from_numpy(np.array(text_table, dtype=np.float32))  # (captions, E)
-        objective = MIMObjective(
-            self.model, self.teachers.latent_dim, self.teachers.semantic_dim, self.text.shape[1]
-        )
-        self.module = MIMStep(self.model, objective)
+        objective = MIMObjective(self.model, self.teachers.latent_dim, self.teachers.semantic_dim,
+                                 np.shape(text_table)[1])  # fmt: skip
+        self.module = MIMStep(self.model, objective).to(where)
+        self.teachers.to(where)
+        self.device = device.device_of(self.module)
+        self.precision = precision.resolve(t.precision, self.device)  # auto: bf16 on CUDA, measured on a CPU
+        self.text = torch.as_tensor(np.asarray(text_table, dtype=np.float32), device=self.device)  # (U, E)
         self.wrapped: nn.Module = self.module  # DDP goes here when there are several workers
         decay = [p for p in self.module.parameters() if p.ndim >= 2]
         rest = [p for p in self.module.parameters() if p.ndim < 2]
@@ -87,11 +90,17 @@ class MIMTraining:
         detached losses, the learning rate and the gradient norm."""
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(self.t, step)
-        images = images_u8.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        # uint8 crosses to the device (a quarter of float32's bytes), then becomes [-1, 1]
+        images = images_u8.to(self.device).float().div(127.5).sub(1.0)  # (B, 3, H, W)
+        # drawn on the CPU generator, so a seed masks the same patches on every device
         mask = random_mask(len(images), self.model.cfg.num_tokens, self.t, self.generator)
-        masked = mask.any(dim=1)  # only masked rows have masked positions to predict
-        with precision.autocast(self.precision, "cpu"):
-            targets = self.teachers.targets(images[masked]) if masked.any() else (None, None)
+        masked_rows = mask.any(dim=1)  # only masked rows have masked positions to predict
+        mask, caption = mask.to(self.device), caption.to(self.device)
+        with precision.autocast(self.precision, self.device):
+            if masked_rows.any():
+                targets = self.teachers.targets(images[masked_rows.to(self.device)])
+            else:
+                targets = (None, None)
             losses = self.wrapped(images, mask, *targets, self.text, caption, self.weights)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -109,10 +118,12 @@ class MIMTraining:
         (folder / "state.json").write_text(json.dumps(state))
 
     def load(self, folder: Path) -> dict:
-        self.module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        self.opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        """Resume from a checkpoint written on any device, onto this one."""
+        read = lambda name: torch.load(folder / name, weights_only=True, map_location=self.device)  # noqa: E731
+        self.module.load_state_dict(read("model.pt"))
+        self.opt.load_state_dict(read("optimizer.pt"))
         if self.teachers.ema is not None and (folder / "ema.pt").is_file():
-            self.teachers.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))
+            self.teachers.ema.load_state_dict(read("ema.pt"))
         state = json.loads((folder / "state.json").read_text())
         self.generator.manual_seed(self.t.seed + state["step"])  # fresh masks after a resume
         return state

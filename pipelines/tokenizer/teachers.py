@@ -83,6 +83,11 @@ class HFTeacher:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
+    def to(self, device) -> HFTeacher:
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = (images + 1) / 2  # [-1, 1] -> [0, 1]
@@ -126,6 +131,14 @@ class Teachers:
         self.semantic = pick(semantic_spec, "semantic_teacher")
         self.latent_dim = self.ema.latent_dim if self.latent == "ema" else self.latent.dim
         self.semantic_dim = self.ema.semantic_dim if self.semantic == "ema" else self.semantic.dim
+
+    def to(self, device) -> Teachers:
+        """Every teacher onto `device`, the student's."""
+        if self.ema is not None:
+            self.ema.model.to(device)
+        for teacher in {id(t): t for t in (self.latent, self.semantic) if isinstance(t, HFTeacher)}.values():
+            teacher.to(device)
+        return self
 
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ema = self.ema.targets(images) if self.ema is not None else None

@@ -1,7 +1,8 @@
 """`uniloom tokenizer train`: MingTok's masked-image-modeling run on Ray Train.
 
     corpus tars -> Ray Data (read_webdataset, decode PNG, caption index) -> TorchTrainer
-    (1 or more CPU workers, gloo; pipelines/tokenizer/loop.py) -> last checkpoint ->
+    (1 or more workers: GPUs with NCCL or CPUs with gloo, tokenizer.device;
+    pipelines/tokenizer/loop.py) -> last checkpoint ->
     calibrated latent normalisation -> consolidated safetensors -> evaluation -> MLflow
     (metrics, reconstruction grids, registered model `uniloom-mingtok`)
 
@@ -84,9 +85,14 @@ def _run_trainer(cfg: UniloomConfig, dataset, loop_config: dict[str, Any], resta
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from uniloom.pipelines import device
     from uniloom.pipelines.tokenizer.loop import train_loop
 
     t = cfg.tokenizer
+    # One GPU per worker and NCCL where tokenizer.device resolves to cuda on this Ray
+    # cluster; each worker resolves it again against the GPUs Ray gave it (loop.py).
+    where = device.resolve(t.device, device.ray_gpus(t.num_workers), "tokenizer.device",
+                           f"a GPU for each of the {t.num_workers} workers in the Ray cluster")  # fmt: skip
     storage = Path(t.storage or Path(cfg.workspace) / "ray_results").resolve()
     name = t.run_name or f"mingtok-{cfg.preset}"
     if restart:
@@ -95,9 +101,11 @@ def _run_trainer(cfg: UniloomConfig, dataset, loop_config: dict[str, Any], resta
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=False, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.num_workers,
+            use_gpu=where == "cuda",
+            resources_per_worker={"CPU": t.cpus_per_worker},
         ),
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend=device.backend(where)),
         run_config=RunConfig(
             name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)
         ),
@@ -118,7 +126,7 @@ def _final_model(cfg: UniloomConfig, checkpoint):
 
     model = MingTok(cfg.mingtok)
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "model.pt", weights_only=True)
+        state = torch.load(Path(folder) / "model.pt", weights_only=True, map_location="cpu")
     model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     return model.eval()
 
@@ -128,7 +136,7 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
     import mlflow
     import torch
 
-    from uniloom.pipelines import tracking
+    from uniloom.pipelines import device, tracking
     from uniloom.pipelines.raycluster import init_ray
     from uniloom.pipelines.tokenizer.evaluate import grid_image, probe_accuracy, reconstruction_metrics
     from uniloom.pipelines.tokenizer.loop import Budget
@@ -166,7 +174,8 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
         mlflow.log_metrics({"budget_cut": float(budget_cut), "steps_planned": t.steps})
         if budget_cut:
             echo(Budget(t.steps, t.max_minutes).warning(steps_done))
-        model = _final_model(cfg, result.checkpoint)
+        # The driver calibrates and evaluates on its own GPU where tokenizer.device allows one.
+        model = _final_model(cfg, result.checkpoint).to("cpu" if t.device == "cpu" else device.local_device())
         if t.calibrate_latents:
             sample = read_tars(train_paths[:1], m.image_size, limit=256).images
             shift, scale = calibrate_latents(model, torch.from_numpy(sample).float().div(127.5).sub(1.0))

@@ -27,7 +27,7 @@ def save_mingtok(model: MingTok, path: Path, extra: dict[str, str] | None = None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg)), **(extra or {})}
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -66,6 +66,7 @@ def calibrate_latents(model: MingTok, images: torch.Tensor) -> tuple[float, floa
     The semantic decoder de-normalises with the same buffers, so reconstructions do not
     change."""
     model.eval()
+    images = images.to(model.latent_shift.device)  # the model's
     raw = torch.cat([model.encoder(images[i : i + 64])[:, :-1] for i in range(0, len(images), 64)])
     shift, scale = raw.mean().item(), raw.std().item()
     model.latent_shift.fill_(shift)

@@ -1,12 +1,14 @@
 """`uniloom bench train`: the full training path against a plain PyTorch loop, in one run.
 
-full path   Ray Data over the shards -> streaming split -> Ray Train workers (gloo) ->
-            DeepSpeed engine (MoE parameter groups, expert parallelism over the workers,
-            the preset's ZeRO stage): tokens/s per worker
-plain loop  the same model (all experts local), the same batches (the same sampler and
-            packer over the same shards, rows read with pyarrow, batches built in the
-            loop), the same threads, torch AdamW + clipping + schedule: no Ray Data, no
-            DeepSpeed, no collectives: tokens/s
+full path   Ray Data over the shards -> streaming split -> Ray Train workers (NCCL on
+            GPUs, gloo on CPUs) -> DeepSpeed engine (MoE parameter groups, expert
+            parallelism over the workers, the preset's ZeRO stage), stepped by the loop a
+            run takes (StageRun.train_step: micro steps, weight EMA, the metrics reduced
+            over the workers and logged every log_every steps): tokens/s per worker
+plain loop  the same model (all experts local) on the same device in the same precision,
+            the same batches (the same sampler and packer over the same shards, rows read
+            with pyarrow, batches built in the loop), the same threads, torch AdamW +
+            clipping + schedule: no Ray Data, no DeepSpeed, no collectives: tokens/s
 ratio       full / plain
 
 How they are measured side by side: inside the same Ray Train run, every worker
@@ -17,8 +19,11 @@ keeps the ratio about the machinery rather than about when each side happened to
 Warm-up windows of both are discarded. Tokens per CPU-second (each worker's own process
 time) are reported beside: the machinery's cost in work, whatever the scheduler did.
 
-On CUDA the bench also reports MFU of the plain loop: model FLOPs per token (6 x active
-parameters + attention) x tokens/s over the GPU's bf16 dense peak.
+Both sides report model FLOPs per token (train/flops.py: the backbone's dense and
+active-expert matmuls and attention as torchtitan and Megatron count them, plus the vision
+heads per image slot and target, over the timed batches' own mix), the FLOP/s they reach,
+MFU against the GPU's dense bf16 peak (none on a CPU: there MFU is not applicable), and
+the peak memory (the GPU's allocated bytes on CUDA, the worker's resident set on a CPU).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from uniloom.pipelines.config import CorpusConfig, UniloomConfig
+from uniloom.pipelines.train import flops
 from uniloom.pipelines.train.config import PARTS, StageConfig
 
 
@@ -80,11 +86,13 @@ def plain_batches(cfg: UniloomConfig, stage: StageConfig, seed_offset: int = 0) 
 
 
 class PlainLoop:
-    """A single-process PyTorch training loop: forward, backward, clip, AdamW, schedule."""
+    """A single-process PyTorch training loop: forward, backward, clip, AdamW, schedule, on
+    `where` in the precision the full path resolves there."""
 
-    def __init__(self, cfg: UniloomConfig, stage: StageConfig, seed_offset: int = 0):
+    def __init__(self, cfg: UniloomConfig, stage: StageConfig, where: str, seed_offset: int = 0):
         import torch
 
+        from uniloom.pipelines import precision
         from uniloom.pipelines.train import deepspeed_config
         from uniloom.pipelines.train.loop import anchor_tokenizer, load_tokenizer
         from uniloom.pipelines.train.module import Trainee
@@ -96,27 +104,36 @@ class PlainLoop:
         load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
         anchor_tokenizer(self.model, stage, cfg.data.tokenizer_weights, cfg.data.storage_options)
+        self.device = torch.device(where)
+        self.model.to(self.device)
+        self.precision = precision.resolve(self.t.precision, self.device)
         groups = deepspeed_config.param_groups(self.model, self.t.weight_decay)
         self.opt = deepspeed_config.adamw(groups, self.t, stage)
         self.sched = deepspeed_config.scheduler(self.opt, stage)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = plain_batches(cfg, stage, seed_offset)
 
-    def steps(self, n: int) -> dict[str, float]:
-        """Run n optimizer steps; tokens, wall and CPU seconds."""
+    def steps(self, n: int) -> dict[str, Any]:
+        """Run n optimizer steps; what they trained on (flops.batch_counts), wall and CPU seconds."""
         import torch
 
-        tokens, start, cpu = 0, time.perf_counter(), time.process_time()
+        from uniloom.pipelines import device, precision
+
+        counts: dict[str, int] = {}
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             for _ in range(self.t.grad_accum):
-                batch = next(self.batches)
-                (self.model(batch).total / self.t.grad_accum).backward()
-                tokens += int((batch.doc_ids >= 0).sum())
+                batch = next(self.batches).to(self.device)
+                with precision.autocast(self.precision, self.device):
+                    loss = self.model(batch).total / self.t.grad_accum
+                loss.backward()
+                flops.add_counts(counts, flops.batch_counts(batch))
             torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-        return {"tokens": tokens, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+        device.synchronize(self.device)
+        return {"counts": counts, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def _barrier(world: int) -> None:
@@ -131,7 +148,9 @@ def _reduce(values: list[float], world: int, op: str = "SUM") -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    from uniloom.pipelines.device import collective_device
+
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if world > 1:
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
@@ -167,50 +186,89 @@ def _group_loads(loads: list, ep: int, world: int) -> float:
     return mean / world
 
 
+def _resident_bytes(loop: PlainLoop) -> int:
+    """Bytes the plain loop keeps on its device between its windows (weights, buffers,
+    Adam moments): the full path's peak is read with them subtracted."""
+    tensors = [*loop.model.parameters(), *loop.model.buffers()]
+    tensors += [v for state in loop.opt.state.values() for v in state.values() if hasattr(v, "element_size")]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == loop.device)
+
+
 def bench_loop_per_worker(job: dict[str, Any]) -> None:
     """Ray Train entry point of the bench: alternating plain and full windows."""
     import ray.train
 
+    from uniloom.pipelines import device
     from uniloom.pipelines.train.loop import StageRun, worker_setup
-    from uniloom.pipelines.train.metrics import Window
+    from uniloom.pipelines.train.metrics import RunLogger, Window
     from uniloom.pipelines.train.recipe import Resume
 
     cfg, ctx = worker_setup(job)
     world, steps, rounds = ctx["world"], job["window_steps"], job["rounds"]
     name = next(iter(cfg.train.stages))
+    stage = cfg.train.stages[name]
     full = StageRun(cfg, job, name, Resume(todo=[name]), None, ctx)
-    plain = PlainLoop(cfg, cfg.train.stages[name], seed_offset=ctx["rank"])
-    totals = {"plain": [0.0, 0.0, 0.0], "full": [0.0, 0.0, 0.0]}  # tokens, seconds, cpu (summed)
+    plain = PlainLoop(cfg, stage, str(full.device), seed_offset=ctx["rank"])
+    logger = RunLogger("", "", active=False)  # the run's logging path, without an MLflow run to write to
+    totals = {side: {"counts": {}, "seconds": 0.0, "cpu": 0.0} for side in ("plain", "full")}
     loads = []  # (L, E) token-slots per expert of every timed full micro step, this worker's
+    peak = 0.0
+    last = [None]
     for r in range(rounds + 1):  # round 0 warms both up
         # Every window starts on all workers at once: a worker that ends its plain window
         # early must not time its wait for the others as the full path's.
         _barrier(world)
         p = plain.steps(steps)
         _barrier(world)
-        window, last = Window(), [None]
+        if full.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(full.device)
+        before, start, cpu = dict(full.trained), time.perf_counter(), time.process_time()
+        window = Window()
         for _ in range(steps):
-            for micro in range(cfg.train.grad_accum):
-                losses = full.micro_step(micro, window, last)
-                if r and losses is not None:
-                    loads.append(losses.expert_load.detach().float())
-            full.step += 1
-        f = {"tokens": window.tokens, "seconds": time.perf_counter() - window.started,
-             "cpu": time.process_time() - window.started_cpu}  # fmt: skip
+            losses = full.train_step(window, last, logger)
+            if r:
+                loads += [x.expert_load.detach().float() for x in losses if x is not None]
+            if full.log_due:
+                window = Window()
+        device.synchronize(full.device)
+        f = {"counts": {k: v - before.get(k, 0) for k, v in full.trained.items()},
+             "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}  # fmt: skip
         if r:
             for side, m in (("plain", p), ("full", f)):
-                totals[side] = [a + b for a, b in zip(totals[side], (m["tokens"], m["seconds"], m["cpu"]))]
-    plain_sum, full_sum = _reduce(totals["plain"], world), _reduce(totals["full"], world)
-    (slowest,) = _reduce([totals["plain"][0] / totals["plain"][1]], world, "MIN")
+                flops.add_counts(totals[side]["counts"], m["counts"])
+                totals[side]["seconds"] += m["seconds"]
+                totals[side]["cpu"] += m["cpu"]
+            if full.device.type == "cuda":
+                peak = max(peak, device.peak_memory_gib(full.device) - _resident_bytes(plain) / 2**30)
+            else:  # the worker process's resident set: both sides' weights and state
+                peak = device.peak_memory_gib(full.device)
+    count = flops.TrainingFlops.of(cfg, "semantic_decoder" in stage.trainable)
+    sums = {}
+    for side, tot in totals.items():
+        values = [tot["counts"].get("tokens", 0), count.total(tot["counts"]), tot["seconds"], tot["cpu"]]
+        sums[side] = dict(zip(("tokens", "flops", "seconds", "cpu"), _reduce(values, world)))
+    plain_sum, full_sum = sums["plain"], sums["full"]
+    (slowest,) = _reduce([totals["plain"]["counts"]["tokens"] / totals["plain"]["seconds"]], world, "MIN")
+    (peak,) = _reduce([peak], world, "MAX")
     figures = {
         # per worker: (tokens summed over workers / workers) / (seconds summed / workers)
-        "plain_tokens_per_s": plain_sum[0] / plain_sum[1],
-        "full_tokens_per_s_per_worker": full_sum[0] / full_sum[1],
-        "plain_tokens_per_cpu_s": plain_sum[0] / plain_sum[2],
-        "full_tokens_per_cpu_s_per_worker": full_sum[0] / full_sum[2],
-        "timed_seconds_per_side": full_sum[1] / world,
+        "plain_tokens_per_s": plain_sum["tokens"] / plain_sum["seconds"],
+        "full_tokens_per_s_per_worker": full_sum["tokens"] / full_sum["seconds"],
+        "plain_tokens_per_cpu_s": plain_sum["tokens"] / plain_sum["cpu"],
+        "full_tokens_per_cpu_s_per_worker": full_sum["tokens"] / full_sum["cpu"],
+        "timed_seconds_per_side": full_sum["seconds"] / world,
         "plain_tokens_per_s_slowest_worker": slowest,
         "expert_rank_load": _group_loads(loads, ctx["ep"], world),
+        # model FLOPs of the timed batches (their own mix of text and images) per token
+        "plain_model_flops_per_tok": plain_sum["flops"] / plain_sum["tokens"],
+        "full_model_flops_per_tok": full_sum["flops"] / full_sum["tokens"],
+        "plain_flops_per_s": plain_sum["flops"] / plain_sum["seconds"],
+        "full_flops_per_s_per_worker": full_sum["flops"] / full_sum["seconds"],
+        "device": device.name(full.device),
+        "device_type": full.device.type,
+        "peak_memory_gib": peak,
     }
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
         (Path(tmp) / "bench.json").write_text(json.dumps(figures))
@@ -220,29 +278,35 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
 
 def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: Callable[[str], None]):
     import ray.data
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import DataConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from uniloom.pipelines.raycluster import init_ray
     from uniloom.pipelines.train import recipe
     from uniloom.pipelines.train.data import read_dataset
-    from uniloom.pipelines.train.trainer import effective_config, expert_parallel_size, prepare_job
+    from uniloom.pipelines.train.trainer import (
+        effective_config,
+        expert_parallel_size,
+        prepare_job,
+        worker_resources,
+    )
 
     t = cfg.train
     cfg, image_fp = effective_config(cfg)
     job = prepare_job(cfg, recipe.select(t, None), image_fp)
     job.update(window_steps=steps, rounds=rounds, eval_prompt_ids=[], mlflow_uri="", mlflow_run_id="")
     init_ray(cfg.ray)
+    scaling, torch_config = worker_resources(t, workers)
     echo(f"full path and plain loop, {rounds} timed windows of {steps} steps each (after one warm-up "
-         f"window), {workers} worker(s) x {t.threads} thread(s), expert-parallel size "
-         f"{expert_parallel_size(cfg, workers)}, ZeRO {t.zero_stage}")  # fmt: skip
+         f"window), {workers} worker(s) x {t.threads} thread(s) on {'GPUs' if scaling.use_gpu else 'CPUs'}, "
+         f"expert-parallel size {expert_parallel_size(cfg, workers)}, ZeRO {t.zero_stage}")  # fmt: skip
     options = ray.data.ExecutionOptions()
     options.preserve_order = True
     trainer = TorchTrainer(
         bench_loop_per_worker,
         train_loop_config=job | {"shards": None},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": t.cpus_per_worker}),
-        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=scaling,
+        torch_config=torch_config,
         run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=t.storage),
         datasets={"train": read_dataset(job["shards"], t)},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
@@ -254,21 +318,19 @@ def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: C
         return json.loads((Path(folder) / "bench.json").read_text())
 
 
-def mfu(cfg: UniloomConfig, tokens_per_s: float) -> float | None:
-    """Model FLOPs utilisation on CUDA (bf16 dense peak of the device), else None."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    from uniloom.models.univision import UniVision
-
-    with torch.device("meta"):
-        counts = UniVision(cfg.model).parameter_counts()
-    m = cfg.model
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * cfg.train.seq_len
-    name = torch.cuda.get_device_name()
-    peak = 989e12 if "H100" in name or "H200" in name else 312e12  # bf16 dense: Hopper, else A100
-    return (6 * counts["backbone_active"] + attention) * tokens_per_s / peak
+def utilisation(figures: dict[str, Any]) -> dict[str, Any]:
+    """MFU of both sides against the device's dense bf16 peak (train/flops.py PEAK_BF16);
+    on a CPU not applicable, on a GPU missing from the table unknown: said, not guessed."""
+    if figures["device_type"] != "cuda":
+        return {"mfu": "not applicable on a CPU (no published dense bf16 peak); see the TFLOP/s"}
+    peak = flops.peak_bf16(figures["device"])
+    if peak is None:
+        return {"mfu": f"unknown: no bf16 peak for {figures['device']} in train/flops.py PEAK_BF16"}
+    return {
+        "full_mfu": round(figures["full_flops_per_s_per_worker"] / peak, 4),
+        "plain_mfu": round(figures["plain_flops_per_s"] / peak, 4),
+        "peak_bf16_tflops": round(peak / 1e12, 1),
+    }
 
 
 def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, images: int, work: Path | None,
@@ -305,7 +367,22 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         "load_1min_before": load_before,
         "load_1min_after": round(os.getloadavg()[0], 2),
     }
-    value = mfu(cfg, m["plain_tokens_per_s"])
-    if value is not None:
-        out["plain_mfu"] = round(value, 4)
+    count = flops.TrainingFlops.of(cfg)
+    out.update({
+        "device": m["device"],
+        "full_model_flops_per_tok": round(m["full_model_flops_per_tok"]),
+        "plain_model_flops_per_tok": round(m["plain_model_flops_per_tok"]),
+        # the parts the per-token figures are made of (train/flops.py)
+        "flops_per_tok_backbone": round(count.per_token),
+        "flops_per_text_target": round(count.per_text_target),
+        "flops_per_image_slot": round(count.per_image_slot),
+        "flops_per_image_target": round(count.per_image_target),
+        "full_tflops_per_s_per_worker": round(m["full_flops_per_s_per_worker"] / 1e12, 4),
+        "plain_tflops_per_s": round(m["plain_flops_per_s"] / 1e12, 4),
+        **utilisation(m),
+        # CUDA: the full path's peak allocated bytes (the plain loop's resident tensors
+        # subtracted); a CPU: the worker process's peak resident set (both sides)
+        "peak_memory_gib": round(m["peak_memory_gib"], 3),
+        "peak_memory_of": "cuda allocated, full path" if m["device_type"] == "cuda" else "worker RSS, both sides",
+    })  # fmt: skip
     return out

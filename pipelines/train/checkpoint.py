@@ -79,7 +79,7 @@ def save(engine, module: torch.nn.Module, directory: str | Path, rank: int, ep: 
     def add(name: str, start: int, values: dict[str, torch.Tensor]) -> None:
         kinds = []
         for kind, v in values.items():
-            pieces[f"{kind}:{name}:{start}"] = v.detach().float().flatten().contiguous().clone()
+            pieces[f"{kind}:{name}:{start}"] = v.detach().float().flatten().to("cpu", copy=True)
             kinds.append(kind)
         index.append(
             {"name": name, "start": start, "numel": int(next(iter(values.values())).numel()), "kinds": kinds}
@@ -226,7 +226,7 @@ def load_weights(module: torch.nn.Module, reader: Reader) -> None:
                 f"{reader.dir}: {name} has shape {list(local.shape)}, the model {list(p.shape)}"
             )
         with torch.no_grad():
-            p.copy_(local.to(p.dtype))
+            p.copy_(local)  # onto p's device and dtype
 
 
 def load_optimizer(engine, module: torch.nn.Module, reader: Reader) -> None:
@@ -244,10 +244,11 @@ def load_optimizer(engine, module: torch.nn.Module, reader: Reader) -> None:
         for group in base.param_groups:
             for p in group["params"]:
                 local = {k: _local(p, reader.full(names[p], k), reader.shapes[names[p]]) for k in STATE_KINDS}
-                base.state[p] = {"step": step.clone(), **{k: v.clone().to(p.dtype) for k, v in local.items()}}
+                moments = {k: v.to(p.device, p.dtype, copy=True) for k, v in local.items()}
+                base.state[p] = {"step": step.to(p.device, copy=True), **moments}
         return
     for lps, hp in groups:
-        state = {"step": step.clone(), **{k: torch.zeros_like(hp) for k in STATE_KINDS}}
+        state = {"step": step.to(hp.device, copy=True), **{k: torch.zeros_like(hp) for k in STATE_KINDS}}
         for lp in lps:
             m = lp._hp_mapping
             if m is None:

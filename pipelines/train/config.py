@@ -84,7 +84,9 @@ class TrainConfig:
     # Parallelism and precision
     workers: int = 2
     cpus_per_worker: float = 1.0  # Ray resources per worker (fractional on small machines)
-    use_gpu: bool = False
+    # Where the workers compute: cuda (one GPU each, NCCL), cpu (gloo), or auto: cuda when
+    # the Ray cluster has GPUs (pipelines/device.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 1  # torch intra-op threads per worker
     # CPU runs: each worker of a node on its own slice of the node's cores, as DeepSpeed's
     # launcher does with --bind_cores_to_rank (lock-stepped ranks never share a core)

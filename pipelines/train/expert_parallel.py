@@ -125,8 +125,8 @@ class ExpertParallelExperts(GroupedExperts):
             pieces += [self._weight_rows(j) for j in lent]
             tokens_out.append(sum(sent[me][e] for e in theirs))
             in_splits.append(tokens_out[-1] + 3 * F_ * len(lent))
-        recv_RE = torch.tensor([[sent[r][e] for e in mine] for r in range(R)])  # slots for my experts
-        tokens_in = recv_RE.sum(1).tolist()
+        recv_RE = [[sent[r][e] for e in mine] for r in range(R)]  # slots for my experts
+        tokens_in = [sum(row) for row in recv_RE]
         borrowed = [[e for e in shadows if e // El == r] for r in range(R)]  # experts each rank lends me
         out_splits = [t + 3 * F_ * len(b) for t, b in zip(tokens_in, borrowed)]
         recv = all_to_all(torch.cat(pieces), out_splits, in_splits, self.group, self.channel)
@@ -136,8 +136,11 @@ class ExpertParallelExperts(GroupedExperts):
         # rank's slots, reordered rank-major -> expert-major, then the slots I shadow.
         blocks = torch.split(recv, [n for t, b in zip(tokens_in, borrowed) for n in (t, 3 * F_ * len(b))])
         x_recv = torch.cat(blocks[0::2]) if shadows else recv
-        order = _expert_major_order(recv_RE)
-        y = super().forward(x_recv[order], recv_RE.sum(0))
+        # Index and count vectors on the tokens' device: index_copy and the grouped
+        # matmul take no index from another device (the counts went through lists already).
+        order = _expert_major_order(recv_RE, x_ND.device)
+        counts_E = torch.tensor([sum(col) for col in zip(*recv_RE)], dtype=torch.long, device=x_ND.device)
+        y = super().forward(x_recv[order], counts_E)
         shadowed = {}
         for r in range(R):
             lent_rows = blocks[2 * r + 1].view(-1, 3 * F_, D)
@@ -166,18 +169,22 @@ class ExpertParallelExperts(GroupedExperts):
         )
 
 
-def _expert_major_order(recv_RE: torch.Tensor) -> torch.Tensor:
-    """Indices that turn rows grouped (rank, expert) into rows grouped (expert, rank)."""
-    counts = recv_RE.tolist()
+def _expert_major_order(counts: list[list[int]], device) -> torch.Tensor:
+    """Indices on `device` that turn rows grouped (rank, expert) into rows grouped
+    (expert, rank); counts[r][e]: rows of rank r for local expert e."""
     starts, at = [], 0
     for row in counts:
         starts.append([])
         for n in row:
             starts[-1].append(at)
             at += n
-    R, El = recv_RE.shape
-    pieces = [torch.arange(starts[r][e], starts[r][e] + counts[r][e]) for e in range(El) for r in range(R)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    R, El = len(counts), len(counts[0]) if counts else 0
+    pieces = [
+        torch.arange(starts[r][e], starts[r][e] + counts[r][e], device=device)
+        for e in range(El)
+        for r in range(R)
+    ]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def shadow_plan(counts: list[list[int]], num_local: int, min_slots: int) -> list[list[int]]:

@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 
 from uniloom.models.moe import MoE
-from uniloom.pipelines import precision
+from uniloom.pipelines import device, precision
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.train import checkpoint as ckpt
-from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flow_balance, shm_comm
+from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flops, flow_balance, shm_comm
 from uniloom.pipelines.train.config import StageConfig
 from uniloom.pipelines.train.data import Position, Stream, TaskSampler
 from uniloom.pipelines.train.metrics import RATES, RunLogger, Window
@@ -81,7 +81,8 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
-    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and not t.use_gpu)
+    on_cpu = worker_device(t) == "cpu"  # shared memory carries CPU tensors only
+    expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and on_cpu)
     if world > 1:
         from deepspeed.utils import groups
 
@@ -105,20 +106,21 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
 
 def _agreed_done(done_B: torch.Tensor) -> bool:
     """Every rank's rows are done (ranks decoding in lock step stop together)."""
-    flag = done_B.all().to(torch.int32).reshape(1)
+    flag = done_B.all().to(device=device.collective_device(), dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
 def worker_device(t) -> str:
-    return "cuda" if t.use_gpu else "cpu"
+    """This worker's device: train.device resolved against the GPUs Ray gave it."""
+    return device.resolve(t.device, device.local_gpus(), "train.device")
 
 
 def data_parallel_channel(t, world: int):
     """The shared-memory channel of the data-parallel group (the flow head's replicas, the
     dense gradients, the end-of-epoch flag), or None: off, on GPUs, or across machines.
     Collective on first use; shm_comm keeps it."""
-    if world < 2 or not t.shm_collectives or t.use_gpu:
+    if world < 2 or not t.shm_collectives or worker_device(t) != "cpu":
         return None
     from deepspeed.utils import groups
 
@@ -189,6 +191,11 @@ class StageRun:
         self.ep = ctx["ep"]
         reader = resume.reader
         self.engine, self.trainee = build_engine(cfg, name, self.world, self.ep, reader, job)
+        # Batches go where the engine computes; the end-of-epoch flag and the metrics
+        # where the process group's backend reduces them (NCCL: the GPU, gloo: the CPU).
+        self.device = device.device_of(self.engine)
+        self.collective = device.collective_device()
+        self.trained: dict[str, int] = {}  # flops.batch_counts summed: what this worker trained on
         self.ema = ema.start(self.trainee, self.t.ema_decay, reader)
         self.channel = data_parallel_channel(self.t, self.world)  # the engine's: shm_comm keeps it
         experts = next((m.experts for m in self.trainee.modules() if isinstance(m, MoE)), None)
@@ -221,7 +228,8 @@ class StageRun:
         """One forward, backward and engine step; the losses, or None when this worker's
         epoch ran dry and it only took part in the collectives."""
         batch = self.stream.next_batch()
-        flag = torch.tensor([1.0 if self.stream.exhausted else 0.0])  # any rank's: the sum > 0
+        # any rank's exhausted split: the sum > 0
+        flag = torch.tensor([1.0 if self.stream.exhausted else 0.0], device=self.collective)
         if self.channel is not None:
             self.channel.all_reduce_([flag])
         elif self.world > 1:
@@ -229,14 +237,16 @@ class StageRun:
         weight = 1.0
         if batch is None:  # this worker's epoch ran dry: take part in the collectives only
             batch, weight = last[0], 0.0
-        last[0] = batch
+        batch = last[0] = batch.to(self.device)
         # Flow-matching noise and times from a generator fixed by (seed, rank, step):
         # a resumed run draws exactly what the uninterrupted one would have.
         torch.manual_seed(hash((self.t.seed, self.rank, self.global_step, micro)) % (1 << 62))
         losses = self.engine(batch)
         backward_and_step(self.engine, losses.total * weight)
         if weight:
-            window.add(losses, int((batch.doc_ids >= 0).sum()))
+            counts = flops.batch_counts(batch)
+            window.add(losses, counts["tokens"])
+            flops.add_counts(self.trained, counts)
         if flag.item():
             self.stream.new_epoch()
         return losses if weight else None
@@ -249,15 +259,8 @@ class StageRun:
         )
         window, last = Window(), [None]
         while self.step < self.stage.steps:
-            for micro in range(t.grad_accum):
-                self.micro_step(micro, window, last)
-            if self.ema is not None:
-                self.ema.update()
-            self.step += 1
-            done = self.step == self.stage.steps
-            logged = self.step % t.log_every == 0 or done
-            if logged:
-                self.log(window, logger)
+            self.train_step(window, last, logger)
+            done, logged = self.step == self.stage.steps, self.log_due
             if (t.eval_every and self.step % t.eval_every == 0) or done:
                 self.evaluate(logger)
             if self.step % t.checkpoint_every == 0 or done:
@@ -265,8 +268,25 @@ class StageRun:
             if logged:  # evaluation and checkpoints are not training time
                 window = Window()
 
+    def train_step(self, window: Window, last: list, logger: RunLogger) -> list:
+        """One optimizer step as a run takes it: grad_accum micro steps, the weight EMA,
+        and at a log step the window's metrics reduced over the workers and logged (the
+        caller starts the next window). Returns the micro steps' losses (None: dry)."""
+        losses = [self.micro_step(micro, window, last) for micro in range(self.t.grad_accum)]
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        if self.log_due:
+            self.log(window, logger)
+        return losses
+
+    @property
+    def log_due(self) -> bool:
+        """The step just taken is logged: every log_every steps and the stage's last."""
+        return self.step % self.t.log_every == 0 or self.step == self.stage.steps
+
     def log(self, window: Window, logger: RunLogger) -> None:
-        values = window.reduce(self.world)
+        values = window.reduce(self.world, self.collective)
         values["lr"] = self.engine.get_lr()[0]
         values["stage_index"] = list(self.t.stages).index(self.name)
         # rows skipped (a sample over seq_len, no task of the mix), never silently: counted here
@@ -290,7 +310,7 @@ class StageRun:
         if self.job["eval_prompt_ids"]:
             module = self.engine.module
             module.eval()
-            g = torch.Generator().manual_seed(self.t.seed)
+            g = device.generator(self.device, self.t.seed)
             with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
                 out = generate(module.model, module.tokenizer, self.job["eval_prompt_ids"], generator=g)
             module.train()
@@ -411,7 +431,14 @@ def worker_setup(job: dict[str, Any]) -> tuple[UniloomConfig, dict[str, Any]]:
     torch.set_num_threads(cfg.train.threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.train.bind_cores and not cfg.train.use_gpu and hasattr(os, "sched_setaffinity"):
+    if worker_device(cfg.train) == "cuda":
+        # This worker's GPU is the current one before any collective: NCCL binds each
+        # communicator to the device current at its first use (the expert and flow-balance
+        # groups are used before DeepSpeed sets it).
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    elif cfg.train.bind_cores and hasattr(os, "sched_setaffinity"):
         cores = bind_cores(context.get_local_rank(), context.get_local_world_size())
         _say(rank, f"workers bound to cores (rank 0: {cores})")
     ep = expert_parallel.effective_ep(cfg.train.expert_parallel, world, cfg.model.num_experts)

@@ -14,6 +14,7 @@ and every stage re-attaches to that id.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,10 @@ RATES = (
     "tokens_per_s_per_worker",
     "tokens_per_cpu_s_per_worker",
 )  # reported with checkpoints
+
+
+KINDS = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow")]
+HEAD = 9  # batches, loss, text, flow, aux, tokens, elapsed, cpu, anchor: Window.vectors
 
 
 @dataclass
@@ -63,20 +68,25 @@ class Window:
         load = losses.expert_load.detach().float()
         self.expert_load = load if self.expert_load is None else self.expert_load + load
 
-    def reduce(self, world: int) -> dict[str, Any]:
-        """Means over all ranks' batches; tokens/s per worker and in total."""
-        keys = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow")]
+    def vectors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's sums (float64: the HEAD, then per task kind the loss sums and
+        counts) and expert loads (L, E), on `device`: where the process group's backend
+        reduces them (pipelines/device.py collective_device; NCCL takes none from the CPU)."""
         elapsed = time.perf_counter() - self.started
         cpu = time.process_time() - self.started_cpu
         head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu, self.anchor]  # fmt: skip
-        vec = torch.tensor(
-            head + [self.task_sum.get(k, 0.0) for k in keys] + [float(self.task_n.get(k, 0)) for k in keys],
-            dtype=torch.float64,
-        )
-        load = self.expert_load if self.expert_load is not None else torch.zeros(0)
+        sums = [self.task_sum.get(k, 0.0) for k in KINDS] + [float(self.task_n.get(k, 0)) for k in KINDS]
+        vec = torch.tensor(head + sums, dtype=torch.float64, device=device)
+        load = (self.expert_load if self.expert_load is not None else torch.zeros(0)).to(device)
+        return vec, load
+
+    def reduce(self, world: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Means over all ranks' batches; tokens/s per worker and in total."""
+        vec, load = self.vectors(device)
         if world > 1:
             dist.all_reduce(vec)
             dist.all_reduce(load)
+        vec, load = vec.cpu(), load.cpu()  # read on the host from here on
         n = max(vec[0].item(), 1.0)
         tokens, elapsed, cpu = vec[5].item(), vec[6].item() / world, vec[7].item()
         out = {
@@ -91,8 +101,8 @@ class Window:
             # from how much of a shared machine the scheduler gave it.
             "tokens_per_cpu_s_per_worker": tokens / max(cpu, 1e-9),
         }
-        sums, counts = vec[len(head) : len(head) + len(keys)], vec[len(head) + len(keys) :]
-        for k, s, c in zip(keys, sums.tolist(), counts.tolist()):
+        sums, counts = vec[HEAD : HEAD + len(KINDS)], vec[HEAD + len(KINDS) :]
+        for k, s, c in zip(KINDS, sums.tolist(), counts.tolist()):
             if c:
                 out[f"loss_{k.replace('/', '_')}"] = s / c
         for layer, row in enumerate(load.tolist() if load.numel() else []):
@@ -103,11 +113,16 @@ class Window:
 
 
 class RunLogger:
-    """Rank 0's handle on the run's MLflow run (a no-op on other ranks)."""
+    """Rank 0's handle on the run's MLflow run (a no-op on other ranks). Logging goes
+    through a RunLog: a tracking server that fails mid-run costs metrics, never training;
+    `close` reports what was lost."""
 
     def __init__(self, tracking_uri: str, run_id: str, active: bool):
+        from uniloom.pipelines.tracking import RunLog
+
         self.active = active and bool(run_id)
         self.run = None
+        self.log = RunLog(tracking_uri)
         if self.active:
             import mlflow
 
@@ -120,7 +135,8 @@ class RunLogger:
         if self.active:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in values.items() if not k.startswith("_")}, step=step)
+            values = {k: float(v) for k, v in values.items() if not k.startswith("_")}
+            self.log(f"metrics at step {step}", mlflow.log_metrics, values, step=step)
 
     def expert_histogram(self, load: torch.Tensor, tag: str) -> None:
         """Per-layer expert loads as JSON and as a heat map (layers x experts)."""
@@ -130,12 +146,14 @@ class RunLogger:
         from PIL import Image
 
         frac = load / load.sum(1, keepdim=True).clamp_min(1)
-        mlflow.log_dict({"layers": frac.tolist()}, f"expert_load/{tag}.json")
+        self.log(
+            f"expert_load/{tag}.json", mlflow.log_dict, {"layers": frac.tolist()}, f"expert_load/{tag}.json"
+        )
         pixels = (255 * frac / frac.max().clamp_min(1e-9)).byte().numpy()
         image = Image.fromarray(pixels, mode="L").resize(
             (pixels.shape[1] * 16, pixels.shape[0] * 16), Image.NEAREST
         )
-        mlflow.log_image(image, f"expert_load/{tag}.png")
+        self.log(f"expert_load/{tag}.png", mlflow.log_image, image, f"expert_load/{tag}.png")
 
     def images(self, images: np.ndarray, tag: str) -> None:
         """(B, H, W, 3) uint8 samples side by side."""
@@ -143,13 +161,14 @@ class RunLogger:
             import mlflow
             from PIL import Image
 
-            mlflow.log_image(Image.fromarray(np.concatenate(list(images), axis=1)), f"samples/{tag}.png")
+            grid = Image.fromarray(np.concatenate(list(images), axis=1))
+            self.log(f"samples/{tag}.png", mlflow.log_image, grid, f"samples/{tag}.png")
 
     def close(self) -> None:
         if self.active:
-            import mlflow
-
-            mlflow.end_run()
+            self.log.end()
+            if lost := self.log.report():
+                print(f"warning: {lost}", file=sys.stderr, flush=True)
 
 
 def resolve_run(fs, run_dir: str, create) -> str:

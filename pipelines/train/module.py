@@ -102,7 +102,7 @@ class Trainee(nn.Module):
         features = self.features(batch.image_latents)
         losses = self.model.loss(batch, features)
         if not (self.anchor_weight and features is not None and features.requires_grad):
-            return TraineeLosses(**vars(losses), anchor=torch.zeros(()))
+            return TraineeLosses(**vars(losses), anchor=torch.zeros((), device=losses.total.device))
         anchor = F.mse_loss(features, self.reference_features(batch.image_latents))
         total = losses.total + self.anchor_weight * anchor
         return TraineeLosses(**{**vars(losses), "total": total}, anchor=anchor.detach())

@@ -1,37 +1,79 @@
 """The exported unified model: loading it back, and MLflow's `uniloom-univision`, a pyfunc
-that generates images from prompts, answers questions about images and edits images."""
+that generates images from prompts, answers questions about images and edits images.
+
+An export is one safetensors file that needs nothing beside it: the UniVision and MingTok
+weights, their configs, and the text tokenizer (the BPE the shards were tokenized with) as
+JSON in the file's metadata."""
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
+from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train.trainer import REGISTERED_NAME
 
+TEXT_TOKENIZER_KEY = "text_tokenizer_json"  # the BPE itself; key "text_tokenizer" is its fingerprint
 
-def load_export(path: str | Path):
-    """(UniVision, MingTok, metadata) from the consolidated safetensors file; tensors
-    only (safetensors), the configs come from the file's JSON metadata."""
-    from safetensors import safe_open
+
+def export_model(reader, out: str | Path, metadata: dict[str, Any], text) -> Path:
+    """checkpoint.export with the text tokenizer `text` embedded; it must be the one the
+    run trained with (`metadata["text_tokenizer"]`, its fingerprint)."""
+    from uniloom.pipelines.data.text_tokenizer import fingerprint
+    from uniloom.pipelines.train.checkpoint import export
+
+    if fingerprint(text) != metadata["text_tokenizer"]:
+        raise UniloomError(
+            f"the shards' text tokenizer is now {fingerprint(text)}, but the run trained with "
+            f"{metadata['text_tokenizer']}: a data run replaced it during training; train again"
+        )
+    return export(reader, out, {**metadata, TEXT_TOKENIZER_KEY: text.to_str()})
+
+
+def load_export(path: str | Path, device: str = "cpu"):
+    """(UniVision, MingTok, metadata) from the consolidated safetensors file, on `device`;
+    tensors only (safetensors), the configs come from the file's JSON metadata."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from uniloom.models.mingtok import MingTok, MingTokConfig
     from uniloom.models.univision import UniVision, UniVisionConfig
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    state = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UniloomError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
+    if "model" not in metadata or "mingtok" not in metadata:
+        raise UniloomError(f"{path}: not a uniloom-univision export (no model and MingTok configs in it)")
     model = UniVision(UniVisionConfig(**metadata["model"]))
     tokenizer = MingTok(MingTokConfig(**metadata["mingtok"]))
     model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     tokenizer.load_state_dict(
         {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
     )
-    return model.eval(), tokenizer.eval(), metadata
+    return model.to(device).eval(), tokenizer.to(device).eval(), metadata
+
+
+def embedded_text_tokenizer(metadata: dict[str, Any], path: str | Path):
+    """The BPE an export carries; None for an export made before exports carried it."""
+    from tokenizers import Tokenizer
+
+    from uniloom.pipelines.data.text_tokenizer import fingerprint
+
+    if TEXT_TOKENIZER_KEY not in metadata:
+        return None
+    text = Tokenizer.from_str(metadata[TEXT_TOKENIZER_KEY])
+    if fingerprint(text) != metadata.get("text_tokenizer"):
+        raise UniloomError(
+            f"{path}: its text tokenizer has fingerprint {fingerprint(text)}, its metadata records "
+            f"{metadata.get('text_tokenizer')}: the file is damaged"
+        )
+    return text
 
 
 TASKS = ("generate", "answer", "edit")
@@ -58,14 +100,20 @@ class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from tokenizers import Tokenizer
 
-        self.model, self.tokenizer, _ = load_export(context.artifacts["weights"])
-        self.text = Tokenizer.from_file(context.artifacts["text_tokenizer"])
+        from uniloom.pipelines.device import local_device
+
+        weights = context.artifacts["weights"]
+        # served on the serving process's GPU where it has one
+        self.model, self.tokenizer, metadata = load_export(weights, local_device())
+        self.text = embedded_text_tokenizer(metadata, weights)
+        if self.text is None:  # a version logged before exports carried their tokenizer
+            self.text = Tokenizer.from_file(context.artifacts["text_tokenizer"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
-        import torch
 
         from uniloom.models.generation import generate, generate_text
+        from uniloom.pipelines.device import device_of, generator
         from uniloom.pipelines.evaluate.univision import Bundle
         from uniloom.pipelines.tokenizer.data import decode_image, to_unit
 
@@ -76,7 +124,7 @@ class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
         )
         params = {"seed": 0, "steps": 0, "max_new_tokens": 32, **(params or {})}
         bundle = Bundle(self.model, self.tokenizer, self.text, {})
-        size = self.tokenizer.cfg.image_size
+        size, where = self.tokenizer.cfg.image_size, device_of(self.model)
         out_images, out_text = [], []
         for i, row in enumerate(rows.to_dict("records")):
             task = row.get("task") or "generate"
@@ -85,9 +133,11 @@ class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
             image = row.get("image")
             if task != "generate" and not isinstance(image, (bytes, bytearray)):
                 raise ValueError(f"row {i}: task {task!r} needs an image")
-            source = to_unit(decode_image(image, size, f"row {i}")[None]) if task != "generate" else None
+            source = (
+                to_unit(decode_image(image, size, f"row {i}")[None], where) if task != "generate" else None
+            )
             ids = [bundle.encode(str(row["prompt"]))]
-            gen = torch.Generator().manual_seed(int(params["seed"]))
+            gen = generator(where, int(params["seed"]))
             if task == "answer":
                 turn = generate_text(self.model, ids, tokenizer=self.tokenizer, images=source,
                                      max_new_tokens=int(params["max_new_tokens"]))  # fmt: skip
@@ -114,26 +164,22 @@ def _encode_png(image) -> bytes:
 
 
 def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, Any]):
-    """Log the pyfunc into the training run; register it when `train.register`."""
+    """Log the pyfunc into the training run; register it when `train.register`. Its one
+    artifact is the export, text tokenizer included."""
     import mlflow
 
     from uniloom.pipelines.tracking import pinned_requirements
-    from uniloom.pipelines.train.trainer import shards_uri, text_tokenizer
 
-    tok = text_tokenizer(shards_uri(cfg), cfg.data.storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = Path(tmp) / "text_tokenizer.json"
-        tok.save(str(tok_path))
-        with mlflow.start_run(run_id=job["mlflow_run_id"], nested=mlflow.active_run() is not None):
-            mlflow.log_metrics({"final/global_step": meta["global_step"]})
-            mlflow.log_dict({"losses": meta["losses"]}, "loss_curve.json")
-            return mlflow.pyfunc.log_model(
-                name="univision",
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-                artifacts={"weights": str(weights), "text_tokenizer": str(tok_path)},
-                signature=signature(),
-                pip_requirements=pinned_requirements(
-                    "torch", "numpy", "safetensors", "tokenizers", "mlflow", "uniloom"
-                ),
-                registered_model_name=REGISTERED_NAME if cfg.train.register else None,
-            )
+    with mlflow.start_run(run_id=job["mlflow_run_id"], nested=mlflow.active_run() is not None):
+        mlflow.log_metrics({"final/global_step": meta["global_step"]})
+        mlflow.log_dict({"losses": meta["losses"]}, "loss_curve.json")
+        return mlflow.pyfunc.log_model(
+            name="univision",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+            artifacts={"weights": str(weights)},
+            signature=signature(),
+            pip_requirements=pinned_requirements(
+                "torch", "numpy", "safetensors", "tokenizers", "mlflow", "uniloom"
+            ),
+            registered_model_name=REGISTERED_NAME if cfg.train.register else None,
+        )

@@ -230,14 +230,33 @@ def _storage_filesystem(storage: str, storage_options: dict):
     return (None, storage) if is_local(fs) else (PyFileSystem(FSSpecHandler(fs)), path)
 
 
+def worker_resources(t, workers: int) -> tuple[Any, Any]:
+    """(ScalingConfig, TorchConfig) of `workers` training workers: one GPU each and NCCL
+    where train.device resolves to cuda on the connected Ray cluster, CPUs and gloo
+    otherwise. Each worker then resolves train.device again on its own (loop.worker_device):
+    Ray shows a worker only the GPUs it was given."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from uniloom.pipelines import device
+
+    where = device.resolve(t.device, device.ray_gpus(workers), "train.device",
+                           f"a GPU for each of the {workers} workers in the Ray cluster")  # fmt: skip
+    scaling = ScalingConfig(
+        num_workers=workers, use_gpu=where == "cuda", resources_per_worker={"CPU": t.cpus_per_worker}
+    )
+    return scaling, TorchConfig(backend=device.backend(where))
+
+
 def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from uniloom.pipelines.train.loop import train_loop_per_worker
 
     t = cfg.train
+    scaling, torch_config = worker_resources(t, workers)
     ray.data.DataContext.get_current().enable_progress_bars = False
     options = ray.data.ExecutionOptions()
     options.preserve_order = True  # the split's assignment of rows to workers follows the seed
@@ -246,10 +265,8 @@ def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=scaling,
+        torch_config=torch_config,
         run_config=RunConfig(
             name=run_name(cfg),
             storage_path=storage,
@@ -318,9 +335,9 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
 
 def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
     """Export the last checkpoint as one safetensors file; log and register it."""
-    from uniloom.pipelines.train.checkpoint import Reader, export
+    from uniloom.pipelines.train.checkpoint import Reader
     from uniloom.pipelines.train.metrics import RATES
-    from uniloom.pipelines.train.registry import log_and_register
+    from uniloom.pipelines.train.registry import export_model, log_and_register
 
     with result.checkpoint.as_directory() as directory:
         reader = Reader(directory)
@@ -338,7 +355,8 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
             "recipe": to_dict(cfg.train)["stages"],  # the stages' settings the weights were trained with
             "started_from": meta.get("started_from"),  # another run's stage end this run started after
         }
-        out = export(reader, export_path(cfg), metadata)
+        text = text_tokenizer(job["shards_uri"], cfg.data.storage_options)  # embedded: the file stands alone
+        out = export_model(reader, export_path(cfg), metadata, text)
     model_info = log_and_register(cfg, out, job, meta)
     losses = meta["losses"]
     return {

@@ -3,8 +3,12 @@ and their blocks reach the committer shuffled, as Ray Data may deliver them."""
 
 import json
 import os
+import pickle
+import posixpath
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +22,7 @@ from uniloom.pipelines.corpus.synth import synthesize, write_tar
 from uniloom.pipelines.data import commit, runner, text_tokenizer
 from uniloom.pipelines.data.commit import Committer, OutputSpec, shard_paths, sweep
 from uniloom.pipelines.data.dedup import DedupIndex
+from uniloom.pipelines.data.fs import open_fs
 from uniloom.pipelines.data.image_tokenizer import Encoder, save_random_weights
 from uniloom.pipelines.data.manifest import Manifest, output_name
 from uniloom.pipelines.data.prepare import Prepare
@@ -76,7 +81,7 @@ def test_shards_commit_in_id_order_with_exact_accounting_and_dedup_owner(setup):
     shards = state["manifest"].shards
     last = shards["shapes-00003.tar"]
     assert last["rows"] == {"read": 2, "written": 0, "filtered": {"exact_dup": 1}, "quarantined": 1}
-    assert last["dedup_against"] == ["shapes-00000.tar"]
+    assert list(last["dedup_against"]) == ["shapes-00000.tar"]
     for entry in shards.values():
         rows = entry["rows"]
         assert rows["read"] == rows["written"] + sum(rows["filtered"].values()) + rows["quarantined"]
@@ -141,16 +146,27 @@ def local_execute(cfg, todo, text, committer):
     return 0.0
 
 
-def committed_rows(out) -> list[tuple[str, str, str]]:
+def committed_rows(out, storage_options=None) -> list[tuple[str, str, str]]:
     """What training reads: the manifest's output files (train.data.find_shards)."""
-    shards = find_shards(out, {})
-    table = pq.read_table(shards.files, columns=["source", "key", "content_hash"])
+    shards = find_shards(out, storage_options or {})
+    table = pq.read_table(shards.files, columns=["source", "key", "content_hash"], filesystem=shards.fs)
     return sorted(zip(*(table.column(c).to_pylist() for c in ("source", "key", "content_hash"))))
 
 
-def files_under(out) -> list[str]:
-    root = Path(out)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+def files_under(out, storage_options=None) -> list[str]:
+    fs, root = open_fs(out, storage_options or {})
+    fs.invalidate_cache()
+    return sorted(posixpath.relpath(p, root) for p in fs.find(root))
+
+
+def only_committed_files_left(out, storage_options=None) -> bool:
+    """Each table folder holds exactly the manifest's files; no temporary file, log record
+    or lease is left."""
+    manifest = Manifest.load(out, storage_options or {})
+    named = {rel for sid, entry in manifest.shards.items() for rel in commit.entry_files(sid, entry).values()}
+    files = files_under(out, storage_options)
+    tables = {f for f in files if f.split("/")[0] in commit.TABLES.values()}
+    return tables == named and not any(f.startswith(("_tmp/", "_manifest/", "_lock")) for f in files)
 
 
 def replace_shard(corpus: str, name: str, seed: int) -> None:
@@ -243,6 +259,7 @@ def test_a_version_1_manifest_still_reads_and_moves_to_the_new_layout(setup, mon
         for kind, rel in entry.pop("files").items():
             os.replace(Path(out, rel), Path(out, commit.TABLES[kind], output_name(sid)))
         entry["output"] = f"shards/{output_name(sid)}"
+        entry["dedup_against"] = sorted(entry["dedup_against"])  # owner ids only
     m.data["version"] = 1
     del m.data["log_seq"]
     Path(out, "_manifest.json").write_text(json.dumps(m.data))
@@ -354,3 +371,92 @@ def test_the_manifest_log_and_sweep_on_s3(s3_server):
     loaded.save()
     assert fs.find("manifest-bucket/out/_manifest") == []
     assert Manifest.load(out, options).shards == loaded.shards
+
+
+# ------------------------------------------------------------------------- store faults
+
+FULL_DISK = """
+import importlib.util, pickle, resource, signal, sys
+spec = importlib.util.spec_from_file_location("commit_tests", sys.argv[1])
+tests = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tests)
+tests.runner.execute = tests.local_execute
+cfg, corpus, out, limit = pickle.loads(open(sys.argv[2], "rb").read())
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+tests.runner.run(cfg, [corpus], out)
+"""
+
+
+def test_a_full_disk_fails_naming_the_file_and_keeps_the_last_good_state(setup, tmp_path, monkeypatch):
+    """A real write failure (EFBIG, the same path as ENOSPC): the run reprocesses a shard in
+    a process that may write no file over 32 KiB, so the shard's output (about 90 KiB)
+    cannot be written while the manifest's records can."""
+    cfg, corpus, out = setup
+    monkeypatch.setattr(runner, "execute", local_execute)
+    runner.run(cfg, [corpus], out)
+    before = committed_rows(out)
+    replace_shard(corpus, "shapes-00001.tar", seed=9)
+    runner.run(cfg, [corpus], str(tmp_path / "clean"))
+    limit = 32 << 10
+    assert min(p.stat().st_size for p in Path(out, "shards").glob("shapes-0000[0-2]*")) > limit
+    assert Path(out, "_manifest.json").stat().st_size < limit // 2
+
+    args = tmp_path / "args.pickle"
+    args.write_bytes(pickle.dumps((cfg, corpus, out, limit)))
+    full = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, __file__, str(args)], capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode != 0
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        f"uniloom.pipelines.errors.UniloomError: cannot write {out}/shards/shapes-00001.tar."
+    )
+    assert "[Errno 27] File too large" in error and "keeps its last committed state" in error
+    assert committed_rows(out) == before  # the manifest and the committed shards read as before
+    assert os.listdir(Path(out, "_tmp")) == []  # the partial file is gone: a full disk gets its space back
+    assert not Path(out, "_lock.json").exists()  # the lease was given back
+
+    rerun = runner.run(cfg, [corpus], out)
+    assert rerun["errors"] == [] and rerun["shards"]["processed"] == 1
+    assert committed_rows(out) == committed_rows(str(tmp_path / "clean"))
+    assert only_committed_files_left(out)
+
+
+def test_object_store_errors_are_retried_by_the_client_then_fail_naming_the_file(
+    setup, tmp_path, monkeypatch, s3_faults
+):
+    """Output on S3 (moto) behind a proxy that fails writes of output shards: a few 503
+    SlowDown answers are retried by s3fs/botocore with backoff and the run never sees them;
+    a store that keeps answering 500 fails the run with one error naming the file, the
+    committed state intact, and a rerun once the store is back equals a clean run."""
+    import s3fs
+
+    cfg, corpus, _ = setup
+    monkeypatch.setattr(runner, "execute", local_execute)
+    options, faults = s3_faults
+    s3fs.S3FileSystem(**options).mkdir("faults-bucket")
+    out = "s3://faults-bucket/out"
+    cfg.data.storage_options = options
+    faults.fail("PUT", "/faults-bucket/out/shards/", 503, "SlowDown", times=2)
+    assert runner.run(cfg, [corpus], out)["errors"] == []
+    assert faults.failed == 2
+    before = committed_rows(out, options)
+    assert len(before) == 24
+
+    replace_shard(corpus, "shapes-00001.tar", seed=9)
+    faults.fail("PUT", "/faults-bucket/out/shards/", 500, "InternalError")
+    with pytest.raises(UniloomError) as failed:
+        runner.run(cfg, [corpus], out)
+    assert str(failed.value).startswith(f"cannot write {out}/shards/shapes-00001.tar.")
+    assert "injected InternalError" in str(failed.value)
+    assert faults.failed >= 5  # botocore's attempts
+    faults.clear()
+    assert committed_rows(out, options) == before
+
+    rerun = runner.run(cfg, [corpus], out)
+    assert rerun["errors"] == [] and rerun["shards"]["processed"] == 1
+    cfg.data.storage_options = {}
+    runner.run(cfg, [corpus], str(tmp_path / "clean"))
+    assert committed_rows(out, options) == committed_rows(str(tmp_path / "clean"))
+    assert only_committed_files_left(out, options)

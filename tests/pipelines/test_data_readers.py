@@ -321,3 +321,69 @@ def test_imagefolder_images_belong_to_their_nearest_metadata_folder(tmp_path):
         ("a", "ds/train", OK),
         ("a", "ds/train/extra", OK),
     ]
+
+
+def test_an_object_store_failing_a_read_fails_the_shard_instead_of_quarantining_its_row(s3_faults):
+    """A quarantined row is final (its shard counts as done), so an image the store would not
+    serve after its client's retries must fail the shard, which the next run retries; a
+    missing file is the data's fault and is quarantined."""
+    import s3fs
+
+    options, faults = s3_faults
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("reader-faults")
+    fs.pipe(
+        {
+            "reader-faults/in/a.png": image_bytes("red"),
+            "reader-faults/in/a.txt": b"red",
+            "reader-faults/in/b.png": image_bytes("blue"),
+            "reader-faults/in/b.txt": b"blue",
+        }
+    )
+    cfg = DataConfig(storage_options=options)
+    faults.fail("GET", "/reader-faults/in/b.png", 500, "InternalError")
+    with pytest.raises(
+        ShardError, match=r"could not read reader-faults/in/b\.png \(OSError: .*InternalError"
+    ):
+        rows_of("s3://reader-faults/in", cfg)
+    faults.fail("GET", "/reader-faults/in/b.png", 404, "NoSuchKey")
+    rows = rows_of("s3://reader-faults/in", cfg)
+    assert [(r["key"], r["status"]) for r in rows] == [("a", OK), ("b", QUARANTINED)]
+    faults.clear()
+    assert [r["status"] for r in rows_of("s3://reader-faults/in", cfg)] == [OK, OK]
+
+
+def test_webdataset_caption_edge_cases_and_orphan_members_each_get_a_row(tmp_path):
+    """Every key of the tar is a row: good, empty and megabyte captions go on to the caption
+    filter (tests/pipelines/test_data_stages.py), the rest is quarantined with its reason."""
+    red = image_bytes("red")
+    samples = {
+        "ok": {"png": red, "txt": b"a red square"},
+        "empty": {"png": red, "txt": b""},
+        "latin-1": {"png": red, "txt": "un carré rouge".encode("latin-1")},
+        "megabytes": {"png": red, "txt": b"qz" * (1 << 20)},
+        "no-caption": {"png": red},
+        "no-image": {"txt": b"a caption alone", "json": b"{}"},
+    }
+    with tarfile.open(tmp_path / "edge.tar", "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    rows = {r["key"]: r for r in rows_of(tmp_path / "edge.tar")}
+    assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        "empty": (OK, None),
+        "latin-1": (QUARANTINED, "caption is not UTF-8"),
+        "megabytes": (OK, None),
+        "no-caption": (QUARANTINED, "no caption"),
+        "no-image": (QUARANTINED, "no image member (has: json, txt)"),
+        "ok": (OK, None),
+    }
+    assert rows["empty"]["caption"] == "" and len(rows["megabytes"]["caption"]) == 2 << 20
+
+
+def test_a_file_that_is_not_a_tar_is_a_shard_error_naming_what_it_is(tmp_path):
+    (tmp_path / "fake.tar").write_bytes(b"<html>an error page saved as a tar</html>" * 20)
+    with pytest.raises(ShardError, match=r"not a readable tar \(ReadError"):
+        rows_of(tmp_path / "fake.tar")

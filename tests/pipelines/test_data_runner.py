@@ -7,6 +7,7 @@ import copy
 import shutil
 import tarfile
 from dataclasses import asdict
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +18,7 @@ from uniloom.pipelines.corpus.synth import synthesize, write_tar
 from uniloom.pipelines.data.commit import Committer, OutputSpec, remove_shard, shard_paths
 from uniloom.pipelines.data.discovery import HIDDEN
 from uniloom.pipelines.data.image_tokenizer import Encoder, save_random_weights
+from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.prepare import Prepare
 from uniloom.pipelines.data.runner import _load_index, prepare_run, withdraw_stale_failures
 from uniloom.pipelines.data.source import read_marked
@@ -83,7 +85,7 @@ def test_a_failed_owner_whose_losers_were_recomputed_is_withdrawn(setup):
     same picture, cannot stay beside it."""
     cfg, corpus, out = setup
     first = rerun(cfg, corpus, out)
-    assert first["manifest"].shards["shapes-00003.tar"]["dedup_against"] == ["shapes-00000.tar"]
+    assert list(first["manifest"].shards["shapes-00003.tar"]["dedup_against"]) == ["shapes-00000.tar"]
     (corpus / "shapes-00000.tar").write_bytes(b"not a tar any more" * 50)
     second = rerun(cfg, corpus, out)
     assert second["plan"].reasons == {
@@ -110,6 +112,14 @@ def test_a_failed_shard_without_conflicts_keeps_its_previous_output(setup):
     assert second["manifest"].shards["shapes-00001.tar"] == before
 
 
+def drop_the_copied_picture(corpus) -> None:
+    """Shard 0 replaced by its other pictures: the one shard 3 lost to it is gone."""
+    with tarfile.open(corpus / "shapes-00000.tar") as tar:
+        kept = [n for n in tar.getnames() if n.endswith(".png") and not n.startswith(COPIED)]
+        samples = [(n[:-4], {"png": tar.extractfile(n).read(), "txt": b"again"}) for n in kept]
+    write_tar(corpus / "shapes-00000.tar", samples)
+
+
 def test_a_failed_loser_whose_owner_changed_is_withdrawn_and_redone_later(setup, tmp_path):
     """Shard 3 lost its copy to shard 0; shard 0 is replaced (the picture gone from it)
     while shard 3 fails to read. Kept, shard 3's old entry would stay 'done' once its input
@@ -118,10 +128,7 @@ def test_a_failed_loser_whose_owner_changed_is_withdrawn_and_redone_later(setup,
     rerun(cfg, corpus, out)
     good = tmp_path / "shapes-00003.tar"
     shutil.copy(corpus / "shapes-00003.tar", good)
-    with tarfile.open(corpus / "shapes-00000.tar") as tar:
-        kept = [n for n in tar.getnames() if n.endswith(".png") and not n.startswith(COPIED)]
-        samples = [(n[:-4], {"png": tar.extractfile(n).read(), "txt": b"again"}) for n in kept]
-    write_tar(corpus / "shapes-00000.tar", samples)
+    drop_the_copied_picture(corpus)
     (corpus / "shapes-00003.tar").write_bytes(b"broken")
     second = rerun(cfg, corpus, out)
     assert second["withdrawn"] == {
@@ -132,6 +139,50 @@ def test_a_failed_loser_whose_owner_changed_is_withdrawn_and_redone_later(setup,
     assert third["plan"].reasons == {"shapes-00003.tar": "new"}
     assert third["manifest"].shards["shapes-00003.tar"]["rows"]["written"] == 1
     hashes = output_hashes(third["manifest"])
+    assert len(hashes) == len(set(hashes)) == 24
+
+
+@pytest.mark.parametrize("loser", ["readable", "broken"])
+def test_a_kill_between_an_owners_commit_and_its_losers_redo_still_redoes_the_loser(
+    setup, tmp_path, monkeypatch, loser
+):
+    """Shard 0 is replaced without the picture shard 3 lost to it; the run commits shard 0
+    and is killed before shard 3. The next run must still redo shard 3 (or, when shard 3
+    no longer reads, withdraw its old output), or the picture is gone for good."""
+    cfg, corpus, out = setup
+    first = rerun(cfg, corpus, out)
+    owner_index = shard_paths(first["manifest"], "shapes-00000.tar")["index"]
+    assert first["manifest"].shards["shapes-00003.tar"]["dedup_against"] == {
+        "shapes-00000.tar": str(Path(owner_index).relative_to(out))
+    }
+    drop_the_copied_picture(corpus)
+    put = Manifest.put
+
+    def killed_before_shard_3(self, shard_id, entry):
+        if shard_id == "shapes-00003.tar":
+            raise KeyboardInterrupt("killed before shard 3's commit")
+        put(self, shard_id, entry)
+
+    with monkeypatch.context() as m:
+        m.setattr(Manifest, "put", killed_before_shard_3)
+        with pytest.raises(KeyboardInterrupt):
+            rerun(cfg, corpus, out)
+    good = tmp_path / "shapes-00003.tar"
+    shutil.copy(corpus / "shapes-00003.tar", good)
+    if loser == "readable":
+        assert prepare_run(cfg, [str(corpus)], out)["plan"].reasons == {
+            "shapes-00003.tar": "dedup owner changed"
+        }
+    else:
+        (corpus / "shapes-00003.tar").write_bytes(b"broken")
+        second = rerun(cfg, corpus, out)
+        assert second["withdrawn"] == {
+            "shapes-00003.tar": "it lost duplicates to shapes-00000.tar, which changed after its commit"
+        }
+        shutil.copy(good, corpus / "shapes-00003.tar")
+    last = rerun(cfg, corpus, out)
+    assert last["errors"] == [] and last["manifest"].shards["shapes-00003.tar"]["rows"]["written"] == 1
+    hashes = output_hashes(last["manifest"])
     assert len(hashes) == len(set(hashes)) == 24
 
 

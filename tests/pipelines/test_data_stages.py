@@ -3,6 +3,8 @@ targets and text ids, as the Prepare function composes them."""
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +90,65 @@ def test_modes_convert_to_rgb_and_transparency_becomes_white(tok_ref):
     out = prepare([{"image": encode(i)} for i in (rgba, grey, palette)], tok_ref)
     first = [tuple(np.frombuffer(r["pixels"], np.uint8).reshape(S, S, 3)[0, 0]) for r in out]
     assert first == [(255, 255, 255), (90, 90, 90), (0, 200, 0)]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds one row: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    rows = zlib.compress(b"\0" * (1 + width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_16_bit_cmyk_and_alpha_images_are_converted_to_8_bit_rgb_and_kept(tok_ref):
+    ramp = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
+    pgm16 = b"P5 40 40 65535\n" + ramp.astype(">u2").tobytes()  # PIL opens it as mode I
+    grey_alpha = Image.new("LA", (40, 40), (90, 255))
+    grey_alpha.putpixel((0, 0), (90, 0))
+    images = [
+        encode(Image.fromarray(ramp)),  # 16-bit grey PNG: PIL's I;16
+        pgm16,
+        encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG", quality=95),
+        encode(Image.new("CMYK", (40, 40), (255, 0, 255, 0)), "TIFF"),
+        encode(grey_alpha),
+        encode(Image.new("1", (40, 40), 1)),
+    ]
+    assert [Image.open(io.BytesIO(b)).mode for b in images] == ["I;16", "I", "CMYK", "CMYK", "LA", "1"]
+    out = prepare([{"image": b} for b in images], tok_ref)
+    assert [r["status"] for r in out] == [OK] * len(images)
+    pixels = [np.frombuffer(r["pixels"], np.uint8).reshape(S, S, 3).astype(int) for r in out]
+    for ramped in pixels[:2]:  # scaled, not clipped to white above 255
+        assert abs(ramped.mean() - 127.5) < 2 and ramped[0, 0, 0] < 8 and ramped[-1, -1, 0] > 247
+    assert tuple(pixels[2][S // 2, S // 2]) == pytest.approx((255, 0, 0), abs=6)
+    assert tuple(pixels[3][S // 2, S // 2]) == (0, 255, 0)
+    assert tuple(pixels[4][S // 2, S // 2]) == (90, 90, 90)
+    assert tuple(pixels[5][S // 2, S // 2]) == (255, 255, 255)
+
+
+def test_bombs_and_float_pixels_are_quarantined_and_tiny_or_thin_images_kept_or_filtered(tok_ref):
+    images = [
+        png_header_only(100_000, 100_000),  # over PIL's own cap: it refuses to open it
+        png_header_only(9_000, 9_000),  # under PIL's cap, over max_pixels
+        encode(Image.fromarray(np.full((40, 40), 0.5, np.float32)), "TIFF"),
+        encode(Image.new("RGB", (1, 1), (10, 20, 30))),
+        encode(Image.new("RGB", (4000, 1), (10, 20, 30))),
+    ]
+    out = prepare([{"image": b} for b in images], tok_ref, max_pixels=40_000_000)
+    assert [(r["status"], r["reason"]) for r in out] == [
+        (QUARANTINED, "decompression bomb: Image size (10000000000 pixels) exceeds limit of 178956970 "
+         "pixels, could be decompression bomb DOS attack."),
+        (QUARANTINED, "9000x9000 pixels exceed max_pixels 40000000"),
+        (QUARANTINED, "floating-point pixels (mode F) have no known 8-bit scale"),
+        (FILTERED, "min_side"),
+        (FILTERED, "min_side"),
+    ]  # fmt: skip
+    kept = prepare([{"image": b} for b in images[3:]], tok_ref, filters={"min_side": 1, "max_aspect": 1e4})
+    assert [r["status"] for r in kept] == [OK, OK]
+    for r in kept:  # one pixel, or the centre of a one-pixel line, fills the square
+        assert (np.frombuffer(r["pixels"], np.uint8).reshape(S, S, 3) == (10, 20, 30)).all()
 
 
 def test_filters_reject_by_size_aspect_and_caption_and_name_the_filter(tok_ref):

@@ -1,9 +1,16 @@
 """The byte-level BPE: special tokens first, lossless round trips, stable fingerprints."""
 
+import io
+import json
+import tarfile
+
 import pytest
+from PIL import Image
 
 from uniloom.models.special_tokens import SPECIAL_TOKENS
 from uniloom.pipelines.data import text_tokenizer
+from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data.discovery import discover
 from uniloom.pipelines.errors import UniloomError
 
 TEXTS = ["a red circle to the left of a blue square", "three green triangles", "How many objects?"] * 10
@@ -38,3 +45,24 @@ def test_a_missing_or_broken_tokenizer_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UniloomError, match="not a tokenizers JSON file"):
         text_tokenizer.load_ref(str(tmp_path / "bad.json"), {})
+
+
+def test_the_bpe_learns_only_from_texts_the_caption_filter_keeps(tmp_path):
+    """A megabyte caption is filtered from the output, and BPE training time grows with the
+    square of a word's length: it must not reach the trainer, nor must an oversized VQA text."""
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(png, format="PNG")
+    vqa = json.dumps({"vqa": [{"question": "What colour?", "answer": "xq" * 600}]}).encode()
+    samples = {"a": b"a red square", "b": b"qz" * 5000, "c": b"  ", "d": b"red"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key, caption in samples.items():
+            members = {"png": png.getvalue(), "txt": caption, **({"json": vqa} if key == "d" else {})}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = DataConfig()
+    texts = list(text_tokenizer.training_texts(discover([str(tmp_path)], cfg), cfg))
+    assert texts == ["a red square", "red", "What colour?"]
+    tok = text_tokenizer.train_bpe(texts * 20, 300, 2)
+    assert not any("qz" in token or "xq" in token for token in tok.get_vocab())
