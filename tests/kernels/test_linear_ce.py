@@ -21,14 +21,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IMPLS = ["reference", "triton"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(N=37, H=24, V=129, dtype=torch.float32, ignored=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, H, generator=g).to(DEVICE, dtype)

@@ -18,15 +18,6 @@ M, E, K, D, F = 37, 5, 2, 24, 40
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small ops run fastest on one thread; a shared 2-core machine stalls OpenMP's spinners."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_close(actual, expected, dtype=torch.float32):
     """Max error relative to the largest magnitude: bf16 paths round at different steps."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype

@@ -13,14 +13,6 @@ from uniloom.models.blocks import RMSNorm
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_matches(actual, expected, tol, what):
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
     if expected.numel():
