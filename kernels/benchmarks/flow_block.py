@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from uniloom.kernels.benchmarks.rms_norm import peak_mb, time_ms
+from uniloom.kernels.benchmarks.rms_norm import timed
 from uniloom.kernels.flow_block import modulated_layer_norm, swiglu
 from uniloom.models.flow_head import ResBlock
 
 MLP_MULT = 4.0
-
-
-def _figures(prefix: str, step, device: torch.device, repeats: int) -> dict[str, float]:
-    cuda = device.type == "cuda"
-    figures = {f"{prefix}_ms": round(time_ms(step, device, repeats, 10 if cuda else 2), 4)}
-    if cuda:
-        figures[f"{prefix}_peak_mb"] = round(peak_mb(step, device), 1)
-    return figures
 
 
 def measure(device: torch.device, N: int, W: int, with_triton: bool, repeats: int) -> dict[str, float]:
@@ -82,11 +74,12 @@ def measure(device: torch.device, N: int, W: int, with_triton: bool, repeats: in
         return step
 
     figures: dict[str, float] = {"flow_block_tokens": N, "flow_block_width": W, "flow_block_hidden": F}
+    warmup = 10 if cuda else 2
     for name, make in (("flow_block", block_step), ("flow_block_modln", modln_step),
                        ("flow_block_swiglu", swiglu_step)):  # fmt: skip
-        figures.update(_figures(f"{name}_ref", make(False), device, repeats))
+        figures.update(timed(f"{name}_ref", make(False), device, repeats, warmup))
         if with_triton:
-            figures.update(_figures(f"{name}_triton", make(True), device, repeats))
+            figures.update(timed(f"{name}_triton", make(True), device, repeats, warmup))
             figures[f"{name}_speedup"] = round(figures[f"{name}_ref_ms"] / figures[f"{name}_triton_ms"], 3)
     return figures
 

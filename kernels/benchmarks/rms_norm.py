@@ -55,9 +55,13 @@ def _case(N: int, H: int, dtype: torch.dtype, device: torch.device, triton: bool
         x.grad = weight.grad = None
         rms_norm(x, weight, 1e-5, triton=triton).backward(dy)
 
-    cuda = device.type == "cuda"
-    figures = {f"{prefix}_ms": round(time_ms(step, device, repeats, 20 if cuda else 3), 4)}
-    if cuda:
+    return timed(prefix, step, device, repeats, warmup=20 if device.type == "cuda" else 3)
+
+
+def timed(prefix: str, step, device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """`{prefix}_ms` of `step`, and on CUDA the peak memory it adds (`{prefix}_peak_mb`)."""
+    figures = {f"{prefix}_ms": round(time_ms(step, device, repeats, warmup), 4)}
+    if device.type == "cuda":
         figures[f"{prefix}_peak_mb"] = round(peak_mb(step, device), 1)
     return figures
 
