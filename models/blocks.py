@@ -208,6 +208,11 @@ class KVCache:
     def select(self, rows: slice) -> KVCache:
         return self._map(lambda t: t[rows])
 
+    def fork(self) -> KVCache:
+        """A cache holding this one's tensors: what a forward appends to it stays out of
+        this one (a look-ahead that is not kept, as each of TUNA's denoising steps)."""
+        return self._map(lambda t: t)
+
 
 def attention_mask(key_mask_BS, num_new: int, doc_ids_BT=None, image_ids_BT=None):
     """(B, 1, T, S) bool, True = may attend, for the last `num_new` of S slots querying all

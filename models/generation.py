@@ -1,25 +1,36 @@
 """Generation with the unified model: images (with three-way classifier-free guidance),
-multi-round editing that carries the key/value cache across turns, and text answers.
+multi-round editing that carries the key/value cache across turns, and text answers, for
+each visual tokenizer kind (model.cfg.image_kind; `tokenizer` is the matching MingTok,
+UniTok or Tuna).
 
-Image loop, per image token (N of them, MingTok's grid):
-    hidden -> vis_head -> flow head (Euler, shared noise across branches) -> latent
-    latent -> MingTok semantic decoder, incrementally (its own KV cache) -> feature
-    feature -> projector -> the next input embedding
-Pixels are rendered once, at the end, from the features; a later edit turn continues from
-the cache, so features flow to features and nothing is decoded and re-encoded in between.
+Image loop of the autoregressive kinds, per image token (N of them, the tokenizer's grid):
+    mingtok  hidden -> vis_head -> flow head (Euler, shared noise across branches) -> latent
+             latent -> MingTok semantic decoder, incrementally (its own KV cache) -> feature
+             feature -> projector -> the next input embedding
+    unitok   hidden -> depth head, one sub-codebook at a time (guided logits, each code
+             drawn once for all branches) -> K codes -> code embedding -> the next input
+Pixels are rendered once, at the end (MingTok from the features, UniTok from the codes);
+a later edit turn continues from the cache, so nothing is decoded and re-encoded between.
+
+TUNA denoises the whole image at once: Euler steps t = 0 -> 1 of the VAE latent x, each
+step running [<image_start>, N slots] = the cascade's block of x at t through the backbone
+on a fork of the prompt's cache (the look-ahead is not kept), the velocity head reading
+the block's hidden states. The clean latent's block (t = 1), <image_end> and <eos> then
+join the conversation, so a later turn reads the image as understanding does.
 
 Guidance runs the branches as rows of one batch (branch-major: row g * B + b), each with
 its own key mask over the same tokens:
     g = 0 unconditional       the last human turn hidden (and, with drop_history, all history)
     g = 1 text-unconditional  only the text of the last human turn hidden
     g = 2 conditional         everything visible
-Positions count visible tokens only, so a branch computes exactly what the model computes
-on the sequence with its hidden tokens removed: the sequences `drop` trains
-(models/sequence.py). History is the conditional branch's: after an image the cache keeps
-only its rows, and the next turn fans them out again.
+combined as v = v_u + s_t (v_tu - v_u) + s_c (v_c - v_tu) on velocities (mingtok in its
+flow head, tuna here) or on code logits (unitok). Positions count visible tokens only, so
+a branch computes exactly what the model computes on the sequence with its hidden tokens
+removed: the sequences `drop` trains (models/sequence.py). History is the conditional
+branch's: after an image the cache keeps only its rows, and the next turn fans them out.
 
 Shape legend: B prompts, G guidance branches (3, or 1 without guidance), T prompt length,
-N image tokens, C latent channels, D semantic width, H hidden.
+N image tokens, C latent channels, D semantic width, K UniTok codes per token, H hidden.
 """
 
 from __future__ import annotations
@@ -31,14 +42,21 @@ import torch
 
 from uniloom.models import sequence
 from uniloom.models.blocks import KVCache
-from uniloom.models.special_tokens import EOS, IMAGE_END, IMAGE_PATCH, PAD, SPECIAL_IDS
+from uniloom.models.mingtok_config import MingTokConfig
+from uniloom.models.special_tokens import EOS, IMAGE_END, IMAGE_PATCH, IMAGE_START, PAD, SPECIAL_IDS
+from uniloom.models.tuna_config import TunaConfig
+from uniloom.models.unitok_config import UniTokConfig
 from uniloom.models.univision import UniVision
+
+TOKENIZER_CONFIGS = {"mingtok": MingTokConfig, "unitok": UniTokConfig, "tuna": TunaConfig}
 
 
 @dataclass
 class ImageTurn:
-    latents: torch.Tensor  # (B, N, C)
-    features: torch.Tensor  # (B, N, D)
+    # The image in the kind's own terms: MingTok latents (B, N, C), UniTok codes (B, N, K)
+    # long, TUNA normalised VAE latents (B, C, h, w).
+    latents: torch.Tensor
+    features: torch.Tensor | None  # (B, N, D) MingTok semantic features; None for the other kinds
     images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1], None when not rendered
     state: KVCache  # the conversation so far (conditional rows), for the next turn
 
@@ -68,7 +86,8 @@ def _left_pad(prompts: list[sequence.Prompt]):
 def prefill(model: UniVision, prompts: list[sequence.Prompt], state: KVCache | None = None,
             source_features=None, guidance: bool = True, drop_history: bool = False):  # fmt: skip
     """Run the prompts (after `state`) through the model in G branches; returns the last
-    hidden state (G * B, H) and the branch-major cache."""
+    hidden state (G * B, H) and the branch-major cache. source_features (B, n, ...): each
+    prompt's image input rows (`source_inputs`)."""
     device = next(model.parameters()).device
     ids, image_mask, text_mask, turn_mask, valid = (t.to(device) for t in _left_pad(prompts))
     B = ids.shape[0]
@@ -87,21 +106,50 @@ def prefill(model: UniVision, prompts: list[sequence.Prompt], state: KVCache | N
 
 
 def _check(model: UniVision, tokenizer) -> None:
-    if (
-        tokenizer.cfg.semantic_dim != model.cfg.semantic_dim
-        or tokenizer.cfg.latent_dim != model.cfg.latent_dim
+    kind, cfg, mcfg = model.cfg.image_kind, tokenizer.cfg, model.cfg
+    if not isinstance(cfg, TOKENIZER_CONFIGS[kind]):
+        raise ValueError(f"a {kind} model needs a {kind} tokenizer, got {type(tokenizer).__name__}")
+    if kind == "mingtok" and (cfg.semantic_dim != mcfg.semantic_dim or cfg.latent_dim != mcfg.latent_dim):
+        raise ValueError(
+            f"MingTok (semantic {cfg.semantic_dim}, latent {cfg.latent_dim}) does not match "
+            f"the model (semantic {mcfg.semantic_dim}, latent {mcfg.latent_dim})"
+        )
+    if kind == "unitok" and (
+        cfg.num_codebooks != mcfg.num_codebooks or cfg.codebook_size != mcfg.codebook_size
     ):
         raise ValueError(
-            f"MingTok (semantic {tokenizer.cfg.semantic_dim}, latent {tokenizer.cfg.latent_dim}) does not match "
-            f"the model (semantic {model.cfg.semantic_dim}, latent {model.cfg.latent_dim})"
+            f"UniTok ({cfg.num_codebooks} x {cfg.codebook_size} codes) does not match the model "
+            f"({mcfg.num_codebooks} x {mcfg.codebook_size})"
         )
+    if kind == "tuna" and cfg.llm_width != mcfg.hidden:
+        raise ValueError(f"TUNA (llm_width {cfg.llm_width}) does not match the model (hidden {mcfg.hidden})")
 
 
-def _encode_sources(tokenizer, source_images):
-    if source_images is None:
+def source_inputs(model: UniVision, tokenizer, images):
+    """Images (B, 3, H, W) in [-1, 1] -> the model's input rows for each (B, n_rows, ...)
+    and the slots each image takes: MingTok semantic features (B, N, D), UniTok codes
+    (B, N, K), or TUNA's clean block (B, 1 + N, H) at t = 1. (None, 0) without images."""
+    if images is None:
         return None, 0
-    latents = tokenizer.encode(source_images)  # (B, n, C)
-    return tokenizer.decode_semantic(latents), latents.shape[1]
+    kind = model.cfg.image_kind
+    if kind == "mingtok":
+        latents = tokenizer.encode(images)  # (B, n, C)
+        return tokenizer.decode_semantic(latents), latents.shape[1]
+    if kind == "unitok":
+        codes = tokenizer.encode(images)  # (B, n, K)
+        return codes, codes.shape[1]
+    z = tokenizer.encode(images)  # (B, C, h, w)
+    block = tokenizer.image_tokens(z, torch.ones(z.shape[0], device=z.device, dtype=z.dtype))
+    return block, block.shape[1] - 1
+
+
+def guide(values_G, scales: tuple[float, float] | None):
+    """Branch outputs (G, ...) -> the guided output: v_u + s_t (v_tu - v_u) + s_c (v_c - v_tu),
+    or the single branch's without guidance."""
+    if scales is None:
+        return values_G[0]
+    s_t, s_c = scales
+    return values_G[0] + s_t * (values_G[1] - values_G[0]) + s_c * (values_G[2] - values_G[1])
 
 
 @torch.no_grad()
@@ -110,32 +158,48 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
              guidance: bool = True, scales: tuple[float, float] | None = None, drop_history: bool = False,
              render: bool = True, generator: torch.Generator | None = None) -> ImageTurn:  # fmt: skip
     """One human turn (text ids, optionally with source images (B, 3, H, W) in [-1, 1])
-    answered with an image, continuing the conversation in `state` if given."""
+    answered with an image, continuing the conversation in `state` if given. steps: flow
+    steps (mingtok, tuna); temperature: the noise scale of the flow's start (mingtok,
+    tuna) or the codes' softmax temperature, 0 = greedy (unitok)."""
     cfg = model.cfg
     _check(model, tokenizer)
     if not prompt_ids or (state is not None and state.key_mask.shape[0] != len(prompt_ids)):
         raise ValueError("prompt_ids must hold one prompt per row of the conversation state")
     steps = steps or cfg.flow_steps
     temperature = cfg.temperature if temperature is None else temperature
-    scales = scales or (cfg.cfg_text_uncond_scale, cfg.cfg_cond_scale)
-    source_features, n_src = _encode_sources(tokenizer, source_images)
-    prompts = [sequence.prompt(ids, n_src, image=True) for ids in prompt_ids]
-    h, cache = prefill(model, prompts, state, source_features, guidance, drop_history)
+    scales = (scales or (cfg.cfg_text_uncond_scale, cfg.cfg_cond_scale)) if guidance else None
+    sources, n_src = source_inputs(model, tokenizer, source_images)
+    tuna = cfg.image_kind == "tuna"  # its prompt stops before <image_start>: the block brings it
+    prompts = [sequence.prompt(ids, n_src, image=not tuna) for ids in prompt_ids]
+    h, cache = prefill(model, prompts, state, sources, guidance, drop_history)
+    if tuna:
+        return _tuna_image(
+            model, tokenizer, cache, len(prompts), steps, temperature, scales, render, generator
+        )
 
     B, G, N = len(prompts), (3 if guidance else 1), tokenizer.cfg.num_tokens
+    if cfg.image_kind == "mingtok":
+        sem_cache = tokenizer.new_semantic_cache(B)
+
+        def draw(h_RH):  # -> (latent (B, C), its input row: the semantic feature (B, D))
+            z_BC = model.flow_head.sample(model.flow_condition(h_RH), steps, temperature, scales, generator)
+            return z_BC, tokenizer.decode_semantic(z_BC[:, None], cache=sem_cache)[:, 0]
+    else:
+
+        def draw(h_RH):  # -> (codes (B, K), the same codes as the input row)
+            codes_BK = _sample_codes(model.depth_head, h_RH, temperature, scales, generator)
+            return codes_BK, codes_BK
+
     device = h.device
     patch_ids = torch.full((G * B, 1), SPECIAL_IDS[IMAGE_PATCH], device=device)
     patch_mask = torch.ones(G * B, 1, dtype=torch.bool, device=device)
-    sem_cache = tokenizer.new_semantic_cache(B)
-    latents, features = [], []
+    values, inputs = [], []
     for i in range(N):
-        z_BC = model.flow_head.sample(model.flow_condition(h), steps, temperature,
-                                      scales if guidance else None, generator)  # fmt: skip
-        f_BD = tokenizer.decode_semantic(z_BC[:, None], cache=sem_cache)[:, 0]
-        latents.append(z_BC)
-        features.append(f_BD)
+        value, row = draw(h)
+        values.append(value)
+        inputs.append(row)
         if i < N - 1:
-            h = model(patch_ids, f_BD.repeat(G, 1), patch_mask, cache=cache).hidden[:, -1]
+            h = model(patch_ids, row.repeat(G, 1), patch_mask, cache=cache).hidden[:, -1]
 
     # Close the turn on the conditional rows only: last slot, <image_end>, <eos>.
     cache = cache.select(slice((G - 1) * B, G * B))
@@ -143,10 +207,60 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
         [SPECIAL_IDS[IMAGE_PATCH], SPECIAL_IDS[IMAGE_END], SPECIAL_IDS[EOS]], device=device
     )
     closing_mask = torch.tensor([True, False, False], device=device)
-    model(closing.repeat(B, 1), features[-1], closing_mask.repeat(B, 1), cache=cache)
-    features_BND = torch.stack(features, 1)
-    images = tokenizer.decode_pixels(features_BND) if render else None
-    return ImageTurn(torch.stack(latents, 1), features_BND, images, cache)
+    model(closing.repeat(B, 1), inputs[-1], closing_mask.repeat(B, 1), cache=cache)
+    values_BN = torch.stack(values, 1)
+    if cfg.image_kind == "mingtok":
+        images = tokenizer.decode_pixels(torch.stack(inputs, 1)) if render else None
+        return ImageTurn(values_BN, torch.stack(inputs, 1), images, cache)
+    return ImageTurn(values_BN, None, tokenizer.decode_codes(values_BN) if render else None, cache)
+
+
+def _sample_codes(head, h_RH, temperature: float, scales, generator):
+    """A position's K codes (B, K) from the hidden states of its G branches (G * B, H):
+    each sub-codebook's logits guided across the branches, the code drawn once and fed
+    to every branch's next depth."""
+    G = 1 if scales is None else 3
+    cache = head.new_cache()
+    logits = head.first(h_RH, cache)  # (G * B, V)
+    codes = []
+    for k in range(head.K):
+        logits_BV = guide(logits.float().view(G, -1, logits.shape[-1]), scales)
+        if temperature > 0:
+            code_B = torch.multinomial((logits_BV / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            code_B = logits_BV.argmax(-1)
+        codes.append(code_B)
+        if k < head.K - 1:
+            logits = head.next(code_B.repeat(G), k + 1, cache)
+    return torch.stack(codes, 1)
+
+
+def _tuna_image(model: UniVision, tuna, cache: KVCache, B: int, steps: int, temperature: float, scales,
+                render: bool, generator) -> ImageTurn:  # fmt: skip
+    """TUNA's turn after the prompt's cache: Euler t = 0 -> 1 of the whole latent, then
+    the clean image, <image_end> and <eos> into the conditional rows."""
+    G = 1 if scales is None else 3
+    C, side, n = tuna.cfg.latent_channels, tuna.cfg.latent_grid, tuna.cfg.num_tokens
+    ref = tuna.head_out.linear.weight  # the cascade's device and dtype
+    device = ref.device
+    ids = torch.tensor([SPECIAL_IDS[IMAGE_START]] + [SPECIAL_IDS[IMAGE_PATCH]] * n, device=device)
+    slots = ids == SPECIAL_IDS[IMAGE_PATCH]
+    x = temperature * torch.randn(B, C, side, side, generator=generator, device=device, dtype=ref.dtype)
+    times = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=ref.dtype)
+    for t, t_next in zip(times[:-1], times[1:]):
+        block_BLH = tuna.image_tokens(x, t.expand(B))  # (B, 1 + n, H): the branches share x
+        rows = block_BLH.repeat(G, 1, 1).flatten(0, 1)
+        hidden = model(ids.repeat(G * B, 1), rows, slots.repeat(G * B, 1), cache=cache.fork()).hidden
+        v_RNX = tuna.velocity(hidden, t.expand(G * B))[:, 1:]  # the image tokens, past the time token
+        v = tuna.latents_from_tokens(v_RNX, (side, side)).view(G, B, C, side, side)
+        x = x + (t_next - t) * guide(v, scales)
+
+    cache = cache.select(slice((G - 1) * B, G * B))
+    block_BLH = tuna.image_tokens(x, torch.ones(B, device=device, dtype=ref.dtype))
+    closing = torch.tensor([SPECIAL_IDS[IMAGE_END], SPECIAL_IDS[EOS]], device=device)
+    model(torch.cat([ids, closing]).repeat(B, 1), block_BLH.flatten(0, 1),
+          torch.cat([slots, torch.zeros(2, dtype=torch.bool, device=device)]).repeat(B, 1), cache=cache)  # fmt: skip
+    return ImageTurn(x, None, tuna.decode(x) if render else None, cache)
 
 
 def edit(model: UniVision, tokenizer, state: KVCache | None, instruction_ids: Sequence[Sequence[int]], *,
@@ -168,11 +282,11 @@ def generate_text(model: UniVision, prompt_ids: Sequence[Sequence[int]], *, toke
     agrees across them, so none stops while another still calls the model."""
     if images is not None:
         if tokenizer is None:
-            raise ValueError("images need the MingTok tokenizer")
+            raise ValueError(f"images need the {model.cfg.image_kind} tokenizer")
         _check(model, tokenizer)
-    source_features, n_src = _encode_sources(tokenizer, images)
+    sources, n_src = source_inputs(model, tokenizer, images)
     prompts = [sequence.prompt(ids, n_src, image=False) for ids in prompt_ids]
-    h, cache = prefill(model, prompts, state, source_features, guidance=False)
+    h, cache = prefill(model, prompts, state, sources, guidance=False)
     B = len(prompts)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=h.device)

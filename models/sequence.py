@@ -11,7 +11,10 @@ special_tokens):
                    <image_start> [tgt]*N <image_end> <eos>  ( <human> instruction <assistant> ... )*
 
 A slot holds the <image_patch> id; its input embedding is the projected MingTok semantic
-feature of that latent, so the slots of an image carry the image whatever the task.
+feature of that latent, so the slots of an image carry the image whatever the task. With
+the other tokenizers (models/univision.py image_kind) a slot's row of image_latents is a
+UniTok position's K integer codes (kept integer), or one of TUNA's N latent tokens (the
+VAE grid cut by Tuna.tokens_from_latents); the formats are the same.
 
 Targets are stored already shifted, per position: text_targets[i] is the token that
 position i predicts (-100: none) and image_targets[i] marks a slot whose latent the
@@ -56,7 +59,7 @@ class Sample:
     input_ids: torch.Tensor  # (T,) long
     image_mask: torch.Tensor  # (T,) bool: image-patch slots
     text_targets: torch.Tensor  # (T,) long: token predicted at each position, IGNORE for none
-    image_latents: torch.Tensor  # (P, C): the slots' latents in sequence order
+    image_latents: torch.Tensor  # (P, C): the slots' latents (UniTok: long codes) in sequence order
     image_targets: torch.Tensor  # (T,) bool: slots whose latent is generated
     task: str
 
@@ -102,7 +105,8 @@ class SequenceBuilder:
         self.targets += [IGNORE] * n
         self.slot += [True] * n
         self.generated += [generate] * n
-        self.latents.append(latents_NC.detach().float())
+        latents_NC = latents_NC.detach()
+        self.latents.append(latents_NC.float() if latents_NC.is_floating_point() else latents_NC)
         return self.tokens([SPECIAL_IDS[IMAGE_END]], loss=generate)
 
     def human(self, text_ids: Sequence[int] = (), image: torch.Tensor | None = None) -> SequenceBuilder:

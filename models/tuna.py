@@ -241,6 +241,15 @@ class Tuna(nn.Module):
             x = block(x, y, mask)
         return self.head_out(x.reshape(B * L, H), y.expand(B, L, H).reshape(B * L, H)).view(B, L, -1)
 
+    def tokens_from_latents(self, latents):
+        """A latent grid (B, C, h, w) -> per-token values (B, N, X) in raster order, each
+        token's P_r x P_r positions channel-major: what an image's slots hold in the unified
+        sequence (models/sequence.py), the inverse of `latents_from_tokens`."""
+        P = self.cfg.rep_patch_size
+        B, C, h, w = latents.shape
+        x = latents.reshape(B, C, h // P, P, w // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, h/P, w/P, C, P, P)
+        return x.reshape(B, (h // P) * (w // P), C * P * P)
+
     def latents_from_tokens(self, tokens, hw: tuple[int, int]):
         """Per-token values (B, N, X) in raster order -> a latent grid (B, C, h, w)."""
         P = self.cfg.rep_patch_size

@@ -4,6 +4,11 @@ CLI command does) does not import torch. `uniloom.models.univision` re-exports i
 Defaults are the `paper` shapes: Ling-lite ("BailingMoE") as released with Ming-UniVision,
 plus the MAR-style rectified-flow head of the released code (width 3072, 12 blocks,
 SwiGLU at 4x). See ../shared/design/MODEL_SPEC.md.
+
+`image_kind` chooses the visual tokenizer the backbone reads and writes: mingtok (the
+fields under "Vision in/out"), unitok (the fields under "UniTok") or tuna (TUNA's cascade
+is the tokenizer's own module, models/tuna.py, so it needs no field here; its paper
+weights the losses flow 1.0, next-token 0.2: set text_loss_weight to 0.2).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from uniloom.kernels import check_mode
+
+IMAGE_KINDS = ("mingtok", "unitok", "tuna")
 
 
 @dataclass
@@ -31,6 +38,8 @@ class UniVisionConfig:
     expert_ffn: int = 1408
     num_shared_experts: int = 2
     multi_gate: bool = True  # a separate router for image positions
+    # Visual tokenizer: mingtok | unitok | tuna
+    image_kind: str = "mingtok"
     # Vision in/out: MingTok's latent width and semantic feature width (MingTokConfig.sem_width)
     latent_dim: int = 32
     semantic_dim: int = 1024
@@ -38,9 +47,18 @@ class UniVisionConfig:
     flow_depth: int = 12
     flow_mlp_mult: float = 4.0
     flow_batch_mul: int = 4  # flow-loss samples (t, noise) per image token, as MAR's diffusion_batch_mul
+    # UniTok: a position's codes, one per sub-codebook (UniTokConfig num_codebooks and
+    # codebook_size), and the depth transformer that predicts them (our sizes: the paper
+    # gives none)
+    num_codebooks: int = 8
+    codebook_size: int = 4096
+    depth_width: int = 1024
+    depth_layers: int = 4
+    depth_heads: int = 16
     # Losses
     text_loss_weight: float = 1.0
-    flow_loss_weight: float = 1.0
+    flow_loss_weight: float = 1.0  # MingTok's and TUNA's flow matching
+    code_loss_weight: float = 1.0  # UniTok's code cross-entropy
     aux_loss_weight: float = 0.01
     # Sampling
     flow_steps: int = 16
@@ -60,5 +78,13 @@ class UniVisionConfig:
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token must be in 1..num_experts ({self.num_experts})")
         check_mode(self.kernels)
+        if self.image_kind not in IMAGE_KINDS:
+            raise ValueError(f"image_kind must be one of {', '.join(IMAGE_KINDS)}, got {self.image_kind!r}")
+        if self.num_codebooks < 1 or self.codebook_size < 2:
+            raise ValueError("num_codebooks must be at least 1 and codebook_size at least 2")
+        if self.depth_width % self.depth_heads:
+            raise ValueError(
+                f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}"
+            )
         if self.flow_batch_mul < 1 or self.flow_steps < 1:
             raise ValueError("flow_batch_mul and flow_steps must be at least 1")
