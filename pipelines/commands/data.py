@@ -58,7 +58,11 @@ def _table(summary: dict) -> dict:
 
 @data.command("run")
 @click.option(
-    "--input", "inputs", multiple=True, required=True, help="Input URL (path, s3://...); repeatable."
+    "--input",
+    "inputs",
+    multiple=True,
+    required=True,
+    help="Input URL (path, s3://..., hf://NAME[:split] for a Hugging Face dataset); repeatable.",
 )
 @click.option("--output", required=True, help="Output URL: shards, manifest, tokenizer.")
 @config_options

@@ -1,7 +1,10 @@
 """Write the embedded corpus as real webdataset tar shards.
 
-Each sample is `{key}.json` (ground truth), `{key}.png` and `{key}.txt` (caption), in
-key order. Tars carry fixed metadata (mtime 0, owner 0), so a seed always produces
+Each sample is `{key}.json` (ground truth), `{key}.png` and `{key}.txt` (caption), and its
+edit chain in the layout public editing sets use (pipelines/data/fields.py): every round's
+target image as `{key}.tgt<r>.png`, which the JSON's `edits` name beside their instructions
+(`{"instruction": ..., "target": "tgt0.png", ...}`), so the data stage reads the chain like
+any other editing corpus, never knowing about scenes. Samples are in key order. Tars carry fixed metadata (mtime 0, owner 0), so a seed always produces
 byte-identical shards and the data stage's content fingerprints stay stable.
 """
 
@@ -60,12 +63,14 @@ def _png(img: Image.Image) -> bytes:
 def synth_sample(cfg: CorpusConfig, index: int) -> tuple[str, dict[str, bytes]]:
     scene = sample_scene(cfg.seed, index, cfg.max_objects)
     key = f"{cfg.seed:04d}-{index:08d}"
-    meta = {"key": key, "seed": cfg.seed, "index": index, "size": cfg.size, **scene}
-    img = render(scene_objects(scene["objects"]), cfg.size)
+    edits = [{**edit, "target": f"tgt{r}.png"} for r, edit in enumerate(scene["edits"])]
+    meta = {"key": key, "seed": cfg.seed, "index": index, "size": cfg.size, **scene, "edits": edits}
+    targets = {e["target"]: _png(render(scene_objects(e["objects"]), cfg.size)) for e in edits}
     return key, {
         "json": json.dumps(meta, sort_keys=True).encode(),
-        "png": _png(img),
+        "png": _png(render(scene_objects(scene["objects"]), cfg.size)),
         "txt": scene["caption"].encode(),
+        **targets,
     }
 
 

@@ -1,6 +1,6 @@
 """`uniloom bench data`: the data stage measured against its own ceiling, in one run.
 
-ceiling    the same decode, resize, edit render, MingTok encode and Parquet write, in a
+ceiling    the same decode, resize, edit-target decode, MingTok encode and Parquet write, in a
            tight single-process loop over the same shards, torch threads = the total
            the pipeline's actors use (actors x threads per actor)
 full run   the pipeline over all shards (Ray and Ray Data's per-cluster service actors
@@ -87,7 +87,7 @@ def ceiling(cfg: UniloomConfig, shards: list[InputShard], out: Path) -> tuple[in
     threads = e.encode_actors * e.torch_threads
     torch.set_num_threads(threads)
     S = cfg.mingtok.image_size
-    stages = [ParseMeta(), Open(d.max_pixels), Load(), ResizeCrop(S), EditTargets(S)]
+    stages = [ParseMeta(), Open(d.max_pixels), Load(), ResizeCrop(S), EditTargets(S, d.max_pixels)]
     encoder = Encoder(
         asdict(cfg.mingtok), d.tokenizer_weights, d.storage_options, asdict(e), d.latent_dtype, d.precision
     )

@@ -36,14 +36,33 @@ class DataExecConfig:
     torch_threads: int = 1  # intra-op threads per actor (and of the bench's ceiling loop)
 
 
+def _names(*names: str):
+    return field(default_factory=lambda: list(names))
+
+
+@dataclass
+class ColumnsConfig:
+    """Where each field of a sample is, first present wins: Parquet and Hugging Face column
+    names, webdataset member fields (what follows the key: `{key}.src.jpg` is `src.jpg`),
+    sidecar extensions of image folders, and keys of a sample's JSON for edit rounds. The
+    layouts they read are described in pipelines/data/fields.py."""
+
+    key: str = "key"  # Parquet/HF column with the sample key; absent: the row index
+    image: list[str] = _names("image", "source_image", "src.jpg", "src.jpeg", "src.png", "src.webp",
+                              "jpg", "jpeg", "png", "webp")  # fmt: skip
+    caption: list[str] = _names("caption", "txt", "text")
+    meta: list[str] = _names("json", "meta")  # the sample's JSON (VQA pairs, ground truth, edit rounds)
+    # Edits. An instruction is looked for only beside a target, and before the caption.
+    instruction: list[str] = _names("instruction", "edit_instruction", "edit_prompt", "txt")
+    target: list[str] = _names("edited_image", "target_image", "target", "tgt.jpg", "tgt.jpeg",
+                               "tgt.png", "tgt.webp")  # fmt: skip
+    rounds: list[str] = _names("edits", "rounds")  # several rounds: [{instruction, target}, ...]
+
+
 @dataclass
 class DataConfig:
     format: Literal["auto", "webdataset", "parquet", "hf", "imagefolder", "folder"] = "auto"
-    # Field names, first present wins: Parquet/HF column names, webdataset member
-    # extensions ("png", "txt") and sidecar extensions of image folders.
-    image_fields: list[str] = field(default_factory=lambda: ["image", "jpg", "jpeg", "png", "webp"])
-    caption_fields: list[str] = field(default_factory=lambda: ["caption", "txt", "text"])
-    key_field: str = "key"  # Parquet/HF column with the sample key; absent: the row index
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_pixels: int = 40_000_000  # decoded images above this are quarantined (decompression bombs)
     # Bytes of one input file or tar member (image, caption, JSON); larger ones are not read
     # and their row is quarantined, so a hostile shard cannot exhaust a reader's memory.
@@ -57,7 +76,6 @@ class DataConfig:
     bpe_vocab_size: int = 4096
     bpe_min_frequency: int = 2
     bpe_max_captions: int = 1_000_000  # captions read to train the BPE
-    edit_targets: bool = True  # render and encode every round's target scene of rows with "edits"
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, ...)
     filters: FilterConfig = field(default_factory=FilterConfig)
     exec: DataExecConfig = field(default_factory=DataExecConfig)

@@ -7,7 +7,9 @@ ETag, version id or generation for object stores). The manifest keeps the key be
 content hash; a rerun hashes only the shards whose key moved, and reuses the recorded hash
 for the rest. Like make and rsync, this trusts that content does not change without its
 metadata moving (ctime cannot be set back by users, so a restored mtime is still seen).
-A file system whose listing has none of these hashes every time.
+A file system whose listing has none of these hashes every time. A Hugging Face dataset
+named by `hf://NAME[:split]` is listed by `datasets` instead (pipelines/data/hub.py): one
+shard per stream shard, its stamp the dataset builder's hash.
 
 Some files under an input are left out on purpose: paths with a component starting with
 `.` or `_` (hidden files, the `_SUCCESS`/`_temporary` of Spark and pyarrow, our own output
@@ -25,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from uniloom.pipelines.data import hub
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.fs import open_fs, to_uri
 from uniloom.pipelines.data.manifest import input_meta
@@ -127,6 +130,31 @@ def _skip(skipped: Counter, uri: str, reason: str, paths: list[str]) -> None:
         log.warning("input %s: skipped %d path(s), %s (%s)", uri, len(paths), reason, examples)
 
 
+def input_uri(uri: str, storage_options: dict) -> str:
+    """An input as the manifest records it: absolute, so a rerun from elsewhere finds it."""
+    return hub.absolute(uri) if hub.is_hub(uri) else to_uri(*open_fs(uri, storage_options))
+
+
+def _hub_shards(uri: str, prefix: str) -> list[InputShard]:
+    uri = hub.absolute(uri)  # read tasks may run in another folder
+    try:
+        listed = hub.list_parts(uri)
+    except hub.HubError as e:
+        raise UniloomError(f"input {e}") from None
+    return [
+        InputShard(
+            posixpath.join(prefix, part) if prefix else part, uri, "hub", (part,), 0, (stamp,), (stamp,)
+        )
+        for part, stamp in listed
+    ]
+
+
+def _add(shards: dict[str, InputShard], shard: InputShard) -> None:
+    if shard.id in shards:
+        raise UniloomError(f"two inputs have a shard named {shard.id}; give the inputs distinct names")
+    shards[shard.id] = shard
+
+
 def discover(inputs: list[str], cfg: DataConfig, skipped: Counter | None = None) -> list[InputShard]:
     """Every input shard under `inputs`, sorted by id. Ids are paths relative to their
     input (prefixed by the input's name when there are several), so they stay stable.
@@ -134,6 +162,11 @@ def discover(inputs: list[str], cfg: DataConfig, skipped: Counter | None = None)
     skipped = Counter() if skipped is None else skipped
     shards: dict[str, InputShard] = {}
     for uri in inputs:
+        if hub.is_hub(uri):
+            prefix = hub.parse(uri)[0].rstrip("/").rpartition("/")[2] if len(inputs) > 1 else ""
+            for shard in _hub_shards(uri, prefix):
+                _add(shards, shard)
+            continue
         fs, path = open_fs(uri, cfg.storage_options)
         path = path.rstrip("/") or path
         if not fs.exists(path):
@@ -155,12 +188,10 @@ def discover(inputs: list[str], cfg: DataConfig, skipped: Counter | None = None)
         _skip(skipped, uri, f"not part of any {fmt} shard", unused)
         for rel, where, members in found:
             sid = posixpath.join(prefix, rel) if prefix else rel
-            if sid in shards:
-                raise UniloomError(f"two inputs have a shard named {sid}; give the inputs distinct names")
             stamps = tuple(_stamp(infos[m]) for m in members)
             meta = tuple(_meta(infos[m]) for m in members)
             size = sum(int(infos[m].get("size") or 0) for m in members)
-            shards[sid] = InputShard(sid, to_uri(fs, where), fmt, tuple(members), size, stamps, meta)
+            _add(shards, InputShard(sid, to_uri(fs, where), fmt, tuple(members), size, stamps, meta))
     return [shards[k] for k in sorted(shards)]
 
 
@@ -190,6 +221,8 @@ def _relpaths(fs, shard: InputShard) -> list[str]:
 
 
 def content_hash(shard: InputShard, storage_options: dict) -> str:
+    if shard.format == "hub":  # listed by `datasets`, not a file system
+        return shard.stamps[0]
     fs, _ = open_fs(shard.uri, storage_options)
     h = hashlib.blake2b(digest_size=16)
     for path, rel, stamp in zip(shard.files, _relpaths(fs, shard), shard.stamps):

@@ -37,6 +37,8 @@ class MaxAspect(Filter):
 
 
 class CaptionLength(Filter):
+    """Rows without a caption are edit samples (readers quarantine any other): kept."""
+
     name = "caption_length"
 
     def __init__(self, min_chars: int, max_chars: int):
@@ -44,8 +46,10 @@ class CaptionLength(Filter):
 
     def keep(self, batch, idx):
         captions = batch.column("caption")
-        n = np.array([len(captions[i].strip()) for i in idx], dtype=np.int64)
-        return (n >= self.min_chars) & (n <= self.max_chars)
+        n = np.array(
+            [len(captions[i].strip()) if captions[i] is not None else -1 for i in idx], dtype=np.int64
+        )
+        return (n == -1) | ((n >= self.min_chars) & (n <= self.max_chars))
 
 
 def caption_filters(cfg: FilterConfig) -> list[Filter]:

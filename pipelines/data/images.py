@@ -1,5 +1,5 @@
 """Image stages: open (header only), load (decode, EXIF orientation, RGB), centre crop to
-the model's resolution, perceptual hash, and the rendered target scenes of edit chains."""
+the model's resolution, perceptual hash, and the target images of edit chains."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PHASH_SIDE = 32  # pHash: DCT of a 32x32 grey image, its 8x8 lowest frequencies
 
 
 class ParseMeta(RowStage):
-    """The sample's JSON (ground truth, VQA pairs, edit chain), parsed once for later stages."""
+    """The sample's JSON (ground truth, VQA pairs), parsed once for later stages."""
 
     name = "parse_meta"
     outputs = ("meta_obj",)
@@ -44,23 +44,39 @@ class Open(RowStage):
         self.max_pixels = max_pixels
 
     def row(self, batch: Batch, i: int) -> tuple:
-        data = batch.column("image")[i]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:  # PIL's own cap, 2 x Image.MAX_IMAGE_PIXELS
-            raise Quarantine(f"decompression bomb: {e}") from None
-        except Exception as e:  # untrusted bytes: any failure is this row's, never the run's
-            raise Quarantine(f"not a readable image ({e.__class__.__name__})") from None
-        w, h = img.size
-        if w * h > self.max_pixels:
-            raise Quarantine(f"{w}x{h} pixels exceed max_pixels {self.max_pixels}")
-        if w < 1 or h < 1:
-            raise Quarantine(f"empty image ({w}x{h})")
-        if img.mode == "F":  # a float TIFF: 0-1, 0-255 or physical units, the file does not say
-            raise Quarantine("floating-point pixels (mode F) have no known 8-bit scale")
-        return img, w, h
+        img = open_image(batch.column("image")[i], self.max_pixels)
+        return img, *img.size
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header, checked; raises Quarantine saying what is wrong."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own cap, 2 x Image.MAX_IMAGE_PIXELS
+        raise Quarantine(f"decompression bomb: {e}") from None
+    except Exception as e:  # untrusted bytes: any failure is this row's, never the run's
+        raise Quarantine(f"not a readable image ({e.__class__.__name__})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Quarantine(f"{w}x{h} pixels exceed max_pixels {max_pixels}")
+    if w < 1 or h < 1:
+        raise Quarantine(f"empty image ({w}x{h})")
+    if img.mode == "F":  # a float TIFF: 0-1, 0-255 or physical units, the file does not say
+        raise Quarantine("floating-point pixels (mode F) have no known 8-bit scale")
+    return img
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decoded pixels, upright (EXIF orientation), RGB; raises Quarantine."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            return _rgb(ImageOps.exif_transpose(img))
+    except Exception as e:  # truncated data, bad EXIF, odd modes: this row only
+        raise Quarantine(f"image does not decode ({e.__class__.__name__}: {e})") from None
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -86,15 +102,8 @@ class Load(RowStage):
     outputs = ("rgb", "sha", "width", "height")
 
     def row(self, batch: Batch, i: int) -> tuple:
-        img = batch.values["pil"][i]
+        img = load_image(batch.values["pil"][i])
         batch.values["pil"][i] = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-                img = _rgb(ImageOps.exif_transpose(img))
-        except Exception as e:  # truncated data, bad EXIF, odd modes: this row only
-            raise Quarantine(f"image does not decode ({e.__class__.__name__}: {e})") from None
         digest = hashlib.blake2b(img.tobytes(), digest_size=16)
         digest.update(f"{img.width}x{img.height}".encode())
         return img, digest.digest(), img.width, img.height
@@ -160,42 +169,31 @@ class PerceptualHash(Stage):
         batch.values["phash"] = hashes
 
 
-def edit_chain(meta: dict | None) -> list | None:
-    """The rounds of a sample's edit chain (`edits` in its JSON, as the synthetic corpus
-    writes: round r's instruction applies to round r - 1's target), or None without one."""
-    edits = (meta or {}).get("edits")
-    return edits if isinstance(edits, list) and edits else None
-
-
 class EditTargets(Stage):
-    """Rows with an edit chain: render every round's target scene at the model's
-    resolution, so the editing task has a target for each round. A round that has no
-    instruction or does not render quarantines the row: a chain is trained whole."""
+    """Rows with an edit chain: every round's target image decoded, checked like the source
+    and cropped to the model's resolution as the source is, so the editing task has a
+    target for each round. A target that does not decode quarantines the row with its
+    round: a chain is trained whole."""
 
     name = "edit_targets"
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_pixels: int):
+        self.size, self.max_pixels = size, max_pixels
 
     def process(self, batch: Batch, idx: np.ndarray) -> None:
         targets: list[np.ndarray | None] = [None] * batch.n  # (R, S, S, 3) uint8 per row
+        chains = batch.column("edit_images")
         for i in idx.tolist():
-            rounds = edit_chain(batch.values["meta_obj"][i])
-            if rounds is None:
+            if not chains[i]:
                 continue
             try:
-                targets[i] = np.stack([self.target(r, edit) for r, edit in enumerate(rounds)])
+                targets[i] = np.stack([self.target(r, data) for r, data in enumerate(chains[i])])
             except Quarantine as e:
                 batch.reject(i, QUARANTINED, str(e))
         batch.values["edit_pixels"] = targets
 
-    def target(self, r: int, edit) -> np.ndarray:
-        from uniloom.pipelines.corpus.render import render
-        from uniloom.pipelines.corpus.scenes import scene_objects
-
-        if not isinstance(edit, dict) or not isinstance(edit.get("instruction"), str):
-            raise Quarantine(f"edit round {r} has no instruction")
+    def target(self, r: int, data: bytes) -> np.ndarray:
         try:
-            return np.asarray(render(scene_objects(edit["objects"]), self.size))
-        except (KeyError, TypeError, ValueError) as e:
-            raise Quarantine(f"edit round {r} target does not render ({e.__class__.__name__}: {e})") from None
+            return square_pixels(load_image(open_image(data, self.max_pixels)), self.size)
+        except Quarantine as e:
+            raise Quarantine(f"edit round {r} target: {e}") from None

@@ -44,10 +44,9 @@ TABLES = {"output": "shards", "quarantine": "_quarantine", "filtered": "_filtere
 # hash, tokenizer hash), so only code that computes rows is listed.
 CODE = {
     "uniloom.pipelines.data": [
-        "readers.py", "source.py", "stages.py", "filters.py", "images.py", "prepare.py", "schema.py",
-        "dedup.py", "text_tokenizer.py", "image_tokenizer.py", "commit.py",
+        "readers.py", "tars.py", "fields.py", "hub.py", "source.py", "stages.py", "filters.py", "images.py",
+        "prepare.py", "schema.py", "dedup.py", "text_tokenizer.py", "image_tokenizer.py", "commit.py",
     ],
-    "uniloom.pipelines.corpus": ["render.py", "scenes.py"],  # edit targets
     "uniloom.pipelines": ["precision.py"],  # the encoder's autocast
     "uniloom.models": ["mingtok.py", "mingtok_config.py", "blocks.py"],  # the encoder, its shapes and blocks
     "uniloom.kernels": ["flow_block.py", "_triton_flow_block.py"],  # the blocks' SwiGLU op

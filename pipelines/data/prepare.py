@@ -16,7 +16,7 @@ from uniloom.pipelines.data.text_tokenizer import TextTokenizerRef, TokenizeText
 
 
 def build_stages(cfg: DataConfig, image_size: int, text: TextTokenizerRef) -> list[Stage]:
-    stages: list[Stage] = [
+    return [
         *caption_filters(cfg.filters),
         ParseMeta(),
         Open(cfg.max_pixels),
@@ -24,11 +24,9 @@ def build_stages(cfg: DataConfig, image_size: int, text: TextTokenizerRef) -> li
         Load(),
         ResizeCrop(image_size),
         PerceptualHash(),
+        EditTargets(image_size, cfg.max_pixels),
+        TokenizeText(text),
     ]
-    if cfg.edit_targets:
-        stages.append(EditTargets(image_size))
-    stages.append(TokenizeText(text))
-    return stages
 
 
 class Prepare:

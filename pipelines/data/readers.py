@@ -1,38 +1,54 @@
-"""Readers: one input shard -> blocks of raw rows (key, image bytes, caption, JSON meta).
+"""Readers: one input shard -> blocks of raw rows (key, image bytes, caption, JSON meta,
+and an edit chain's instructions and target images).
 
 A shard is the unit of incremental work: a webdataset tar, a Parquet file, an Arrow file
-of a Hugging Face `save_to_disk` folder, a folder with `metadata.jsonl` (HF imagefolder)
-or a plain folder of images with sidecar `.txt` captions. Any fsspec URL works; storage
-options (endpoint, credentials) come from `data.storage_options` or the usual env vars.
+of a Hugging Face `save_to_disk` folder, one shard of a Hugging Face dataset named by
+`hf://NAME[:split]` (streamed through `datasets.load_dataset`, pipelines/data/hub.py), a
+folder with `metadata.jsonl` (HF imagefolder) or a plain folder of images with sidecar
+`.txt` captions. Any fsspec URL works; storage options (endpoint, credentials) come from
+`data.storage_options` or the usual env vars. Which field of a sample is which (image,
+caption, edit source, instruction and target) is `data.columns` (pipelines/data/fields.py).
 
 A row the reader can already tell is broken (a tar key without image or caption, a caption
-that is not UTF-8) comes out quarantined with its reason; a shard-level problem (not a tar,
-no caption column) raises ShardError naming the shard, and only that shard fails.
+that is not UTF-8, an edit without its target or instruction) comes out quarantined with its
+reason; a shard-level problem (not a tar, no caption column) raises ShardError naming the
+shard, and only that shard fails.
 
 Input is untrusted: a path read from the data (imagefolder `file_name`, HF image `path`)
 must lead inside the shard's folder, a tar member that is a link or names a place outside
-the archive is not read, and no file or member over `data.max_member_bytes` is read. Each
-such row is quarantined with the reason, so read = written + filtered + quarantined holds.
+the archive is not read (pipelines/data/tars.py), and no file or member over
+`data.max_member_bytes` is read. Each such row is quarantined with the reason, so
+read = written + filtered + quarantined holds.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import posixpath
-import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
-from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data import hub
+from uniloom.pipelines.data.config import ColumnsConfig, DataConfig
+from uniloom.pipelines.data.fields import (
+    Chain,
+    ColumnRoles,
+    Fields,
+    column_roles,
+    first,
+    member_fields,
+    round_items,
+    text,
+)
 from uniloom.pipelines.data.fs import contained, open_fs
 from uniloom.pipelines.data.schema import RAW_SCHEMA
 from uniloom.pipelines.data.stages import OK, QUARANTINED
+from uniloom.pipelines.data.tars import TarError, read_samples
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
-META_FIELDS = ("json", "meta")
 
 
 class ShardError(Exception):
@@ -58,17 +74,26 @@ class RowBlocks:
         self.columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
         self.keys: set[str] = set()
 
-    def add(self, key, image=None, caption=None, meta=None, reason: str | None = None) -> pa.Table | None:
+    def add(self, key: str, row: Fields) -> pa.Table | None:
+        reason = row.reason
         if reason is None and key in self.keys:
             reason = "duplicate key in the shard"
-        if reason is None and image is None:
+        if reason is None and row.image is None:
             reason = "no image"
-        if reason is None and caption is None:
-            reason = "no caption"
+        if reason is None and row.caption is None and not row.targets:
+            reason = "no caption"  # an edit sample needs none
         self.keys.add(key)
-        for name, value in zip(
-            RAW_SCHEMA.names, (key, image, caption, meta, OK if reason is None else QUARANTINED, reason)
-        ):
+        edits = (row.instructions, row.targets) if reason is None else (None, None)
+        values = (
+            key,
+            row.image,
+            row.caption,
+            row.meta,
+            *edits,
+            OK if reason is None else QUARANTINED,
+            reason,
+        )
+        for name, value in zip(RAW_SCHEMA.names, values):
             self.columns[name].append(value)
         return self.flush() if len(self.columns["key"]) >= self.block_rows else None
 
@@ -78,20 +103,6 @@ class RowBlocks:
         table = pa.table(self.columns, schema=RAW_SCHEMA)
         self.columns = {name: [] for name in RAW_SCHEMA.names}
         return table
-
-
-def _text(data: bytes | str | None) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason) for a caption or JSON member."""
-    if data is None or isinstance(data, str):
-        return data, None
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return None, "caption is not UTF-8"
-
-
-def _first(fields, available) -> str | None:
-    return next((f for f in fields if f in available), None)
 
 
 def _too_big(what: str, cap: int) -> str:
@@ -114,139 +125,134 @@ def _read_files(fs, paths: list[str], cap: int) -> dict[str, bytes | None]:
 # ------------------------------------------------------------------------- webdataset tars
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key is the path up to the first dot of the basename."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
-
-
-MEMBER_KINDS = {
-    tarfile.SYMTYPE: "a symbolic link",
-    tarfile.LNKTYPE: "a hard link",
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a FIFO",
-}
-
-
-def _refused_member(member: tarfile.TarInfo, cap: int) -> str | None:
-    """Why a member is not read, or None. Nothing is ever extracted to disk, but a sample
-    with a link, a name outside the archive or an oversized member is not trusted whole."""
-    name = member.name
-    if not member.isfile():
-        kind = MEMBER_KINDS.get(member.type, f"of tar type {member.type!r}")
-        return f"member {name!r} is {kind}, which is not followed"
-    if name.startswith("/") or ".." in name.split("/"):
-        return f"member name {name!r} leads outside the archive"
-    if member.size > cap:
-        return _too_big(f"member {name!r} ({member.size} bytes)", cap)
-    return None
-
-
 def read_tar(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
     """All members are grouped by key before any row is emitted, so a key's image and
     caption stay together however the tar's members are ordered."""
     fs, _ = open_fs(shard.uri, cfg.storage_options)
-    samples: dict[str, dict[str, bytes]] = {}
-    refused: dict[str, str] = {}  # key -> why its sample is quarantined (its first bad member)
     try:
-        with (
-            fs.open(shard.files[0], "rb", block_size=8 << 20) as f,
-            tarfile.open(fileobj=f, mode="r|*") as tar,
-        ):
-            for member in tar:
-                if member.isdir():
-                    continue
-                key, ext = _split_member(member.name)
-                members = samples.setdefault(key, {})
-                if why := _refused_member(member, cfg.max_member_bytes):
-                    refused.setdefault(key, why)
-                else:
-                    members[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
-        raise ShardError(f"not a readable tar ({e.__class__.__name__}: {e})") from None
+        with fs.open(shard.files[0], "rb", block_size=8 << 20) as f:
+            samples = read_samples(f, cfg.max_member_bytes)
+    except TarError as e:
+        raise ShardError(str(e)) from None
     except OSError as e:  # the store failed (after its client's own retries): not the tar's fault
         raise ShardError(f"could not read the tar ({e.__class__.__name__}: {e})") from None
     blocks = RowBlocks(cfg.exec.block_rows)
-    for key in sorted(samples):
-        members = samples.pop(key)
-        if key in refused:
-            block = blocks.add(key, reason=refused[key])
-        else:
-            image_ext = _first(cfg.image_fields, members)
-            caption, reason = _text(members.get(_first(cfg.caption_fields, members) or ""))
-            meta, _ = _text(members.get(_first(META_FIELDS, members) or ""))
-            if image_ext is None:
-                reason = f"no image member (has: {', '.join(sorted(members))})"
-            block = blocks.add(key, members.get(image_ext), caption, meta, reason)
-        if block:
+    samples.reverse()  # popped in key order, each sample's bytes freed once it is a row
+    while samples:
+        s = samples.pop()
+        row = Fields(reason=s.refused) if s.refused else member_fields(s.key, s.members, cfg.columns)
+        if block := blocks.add(s.key, row):
             yield block
     if block := blocks.flush():
         yield block
 
 
-# ------------------------------------------------------------------- Parquet and HF Arrow
+# ------------------------------------------------------------ Parquet, HF Arrow and the Hub
 
 
-def _columns(names: list[str], cfg: DataConfig) -> dict[str, str | None]:
-    image, caption = _first(cfg.image_fields, names), _first(cfg.caption_fields, names)
-    if image is None or caption is None:
-        what = "image" if image is None else "caption"
-        wanted = cfg.image_fields if image is None else cfg.caption_fields
-        raise ShardError(f"no {what} column (looked for {', '.join(wanted)}; has: {', '.join(names)})")
-    key = cfg.key_field if cfg.key_field in names else None
-    return {"image": image, "caption": caption, "key": key, "meta": _first(META_FIELDS, names)}
-
-
-def _image_bytes(column: pa.Array, fs, folder: str, cap: int) -> tuple[list, list[str | None]]:
-    """Binary column, or the struct<bytes, path> of the HF Image feature: bytes when
-    embedded, else the file at `path`, which must lie inside the shard's folder. Per row:
-    the bytes (None when refused) and why the row is quarantined (None when it is not)."""
-    if pa.types.is_struct(column.type):
-        data = column.field("bytes").to_pylist()
-        has_path = column.type.get_field_index("path") >= 0
-        paths = column.field("path").to_pylist() if has_path else [None] * len(data)
-    else:
-        data, paths = column.to_pylist(), [None] * len(column)
-    reasons: list[str | None] = [None] * len(data)
+def _images(values: list, fs, folder: str | None, cap: int) -> tuple[list, list[str | None]]:
+    """Image cells -> per cell (bytes or None, why it is refused or None). A cell is bytes,
+    the struct {bytes, path} of the HF Image feature, or null. Without bytes, the file at
+    `path` is read, which must lie inside the shard's `folder`; a streamed Hub dataset
+    (folder None) has no folder, so its images must be embedded."""
+    data: list = [None] * len(values)
+    reasons: list[str | None] = [None] * len(values)
     wanted: dict[int, str] = {}
-    for i, (d, p) in enumerate(zip(data, paths)):
-        if d is None and p:
+    for i, value in enumerate(values):
+        blob, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        if blob is not None and not isinstance(blob, bytes):
+            reasons[i] = f"image is not binary data ({type(blob).__name__})"
+        elif blob is not None:
+            data[i] = blob
+        elif path and folder is None:
+            reasons[i] = f"image {path!r} is not embedded in the dataset"
+        elif path:
             try:
-                wanted[i] = contained(folder, p)
+                wanted[i] = contained(folder, path)
             except ValueError as e:
                 reasons[i] = f"image path refused: {e}"
     found = _read_files(fs, sorted(set(wanted.values())), cap)
     for i, path in wanted.items():
         data[i] = found[path]
         if data[i] is None:
-            reasons[i] = f"image file {paths[i]!r} cannot be read"
+            reasons[i] = f"image file {values[i]['path']!r} cannot be read"
     for i, d in enumerate(data):
         if d is not None and len(d) > cap:
             data[i], reasons[i] = None, _too_big("image", cap)
     return data, reasons
 
 
-def _record_batches(
-    batches, cols: dict[str, str | None], cfg: DataConfig, fs, folder: str
+def _chain(rounds: list[tuple[Any, Any]], data: list, refused: list) -> Chain:
+    """One row's edit chain from its (instruction, target cell) rounds and their resolved
+    target bytes; a row with no rounds is not an edit."""
+    if not rounds:
+        return None, None, None
+    instructions = []
+    for r, ((instruction, _), target, why) in enumerate(zip(rounds, data, refused)):
+        instruction, bad = text(instruction, "instruction")
+        if bad or not isinstance(instruction, str):
+            return None, None, f"edit round {r}: {bad}" if bad else f"edit round {r} has no instruction"
+        if why:
+            return None, None, f"edit round {r} target: {why}"
+        if target is None:
+            return None, None, f"edit round {r} has no target image"
+        instructions.append(instruction)
+    return instructions, list(data), None
+
+
+def _chains(batch, roles: ColumnRoles, cols: ColumnsConfig, fs, folder: str | None, cap: int) -> list[Chain]:
+    """Every row's edit chain: all targets of the batch resolved in one call."""
+    if roles.rounds:
+        rows = [
+            [(item.get(first(cols.instruction, item) or ""), item.get(first(cols.target, item) or ""))
+             for item in round_items(cell)]
+            for cell in batch.column(roles.rounds).to_pylist()
+        ]  # fmt: skip
+    elif roles.target:
+        pairs = zip(batch.column(roles.instruction).to_pylist(), batch.column(roles.target).to_pylist())
+        rows = [[] if s is None and t is None else [(s, t)] for s, t in pairs]
+    else:
+        return [(None, None, None)] * batch.num_rows
+    data, refused = _images([t for rounds in rows for _, t in rounds], fs, folder, cap)
+    chains, at = [], 0
+    for rounds in rows:
+        end = at + len(rounds)
+        chains.append(_chain(rounds, data[at:end], refused[at:end]))
+        at = end
+    return chains
+
+
+def _cells(batch, name: str | None) -> list | None:
+    return batch.column(name).to_pylist() if name else None
+
+
+def record_rows(
+    batches: Iterable, roles: ColumnRoles, cfg: DataConfig, fs, folder: str | None
 ) -> Iterator[pa.Table]:
-    blocks, row = RowBlocks(cfg.exec.block_rows), 0
+    """Arrow record batches or tables of a columnar shard -> blocks of raw rows."""
+    blocks, row, cap = RowBlocks(cfg.exec.block_rows), 0, cfg.max_member_bytes
     for batch in batches:
-        images, refused = _image_bytes(batch.column(cols["image"]), fs, folder, cfg.max_member_bytes)
-        captions = batch.column(cols["caption"]).to_pylist()
-        keys = batch.column(cols["key"]).to_pylist() if cols["key"] else None
-        metas = batch.column(cols["meta"]).to_pylist() if cols["meta"] else None
+        images, refused = _images(batch.column(roles.image).to_pylist(), fs, folder, cap)
+        captions, keys, metas = (_cells(batch, name) for name in (roles.caption, roles.key, roles.meta))
+        chains = _chains(batch, roles, cfg.columns, fs, folder, cap)
         for i, image in enumerate(images):
             key = str(keys[i]) if keys else f"{row:08d}"
-            caption, reason = _text(captions[i])
-            meta, _ = _text(metas[i]) if metas else (None, None)
             row += 1
-            meta = meta if isinstance(meta, str) else None
-            if block := blocks.add(key, image, caption, meta, refused[i] or reason):
+            caption, why = text(captions[i]) if captions else (None, None)
+            meta, _ = text(metas[i]) if metas else (None, None)
+            instructions, targets, not_edit = chains[i]
+            fields = Fields(image, caption, meta, instructions, targets, refused[i] or not_edit or why)
+            if block := blocks.add(key, fields):
                 yield block
     if block := blocks.flush():
         yield block
+
+
+def _roles(names: list[str], cfg: DataConfig) -> ColumnRoles:
+    try:
+        return column_roles(names, cfg.columns)
+    except ValueError as e:
+        raise ShardError(str(e)) from None
 
 
 def read_parquet(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
@@ -258,10 +264,9 @@ def read_parquet(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
             raise ShardError(f"not a readable Parquet file ({e})") from None
-        cols = _columns(pf.schema_arrow.names, cfg)
-        wanted = [c for c in cols.values() if c]
-        batches = pf.iter_batches(cfg.exec.block_rows, columns=wanted)
-        yield from _record_batches(batches, cols, cfg, fs, posixpath.dirname(shard.files[0]))
+        roles = _roles(pf.schema_arrow.names, cfg)
+        batches = pf.iter_batches(cfg.exec.block_rows, columns=roles.names)
+        yield from record_rows(batches, roles, cfg, fs, posixpath.dirname(shard.files[0]))
 
 
 def read_hf_arrow(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
@@ -272,8 +277,18 @@ def read_hf_arrow(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
             reader = pa.ipc.open_stream(f)
         except (pa.ArrowException, OSError) as e:
             raise ShardError(f"not a readable Arrow stream ({e})") from None
-        cols = _columns(reader.schema.names, cfg)
-        yield from _record_batches(reader, cols, cfg, fs, posixpath.dirname(shard.files[0]))
+        roles = _roles(reader.schema.names, cfg)
+        yield from record_rows(reader, roles, cfg, fs, posixpath.dirname(shard.files[0]))
+
+
+def read_hub(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
+    """One shard of a dataset named by `hf://NAME[:split]`, streamed by `datasets`."""
+    try:
+        names, tables = hub.shard_tables(shard.uri, shard.files[0], cfg.exec.block_rows)
+    except hub.HubError as e:
+        raise ShardError(str(e)) from None
+    if names:  # else an empty shard of a dataset whose columns are known only from its rows
+        yield from record_rows(tables, _roles(names, cfg), cfg, None, None)
 
 
 # ------------------------------------------------------------------------ image folders
@@ -304,9 +319,10 @@ def read_imagefolder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
         raise ShardError(f"metadata.jsonl is not JSON lines ({e})") from None
     if bad := next((n for n, line in enumerate(lines, 1) if not isinstance(line, dict)), None):
         raise ShardError(f"metadata.jsonl line {bad} is not a JSON object")
-    if lines and not any(f in lines[0] for f in cfg.caption_fields):
+    captions = cfg.columns.caption
+    if lines and not any(f in lines[0] for f in captions):
         raise ShardError(
-            f"metadata.jsonl has no caption field (looked for {', '.join(cfg.caption_fields)}; "
+            f"metadata.jsonl has no caption field (looked for {', '.join(captions)}; "
             f"has: {', '.join(lines[0])})"
         )
     images = {p for p in shard.files if p != metadata}
@@ -325,16 +341,16 @@ def read_imagefolder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
                 why = f"image file {name!r} cannot be read"
             elif image is not None and len(image) > cap:
                 image, why = None, _too_big(f"image file {name!r}", cap)
-            caption = line.get(_first(cfg.caption_fields, line) or "")
+            caption = line.get(first(captions, line) or "")
             if not isinstance(caption, str | None):
                 caption, why = None, why or f"caption is not text ({type(caption).__name__})"
             meta = json.dumps(line, sort_keys=True)
-            if block := blocks.add(posixpath.splitext(name)[0], image, caption, meta, why):
+            if block := blocks.add(posixpath.splitext(name)[0], Fields(image, caption, meta, reason=why)):
                 yield block
     for path in sorted(unnamed):
         name = posixpath.relpath(path, folder)
         why = f"image file {name!r} has no line in metadata.jsonl, so no caption"
-        if block := blocks.add(posixpath.splitext(name)[0], reason=why):
+        if block := blocks.add(posixpath.splitext(name)[0], Fields(reason=why)):
             yield block
     if block := blocks.flush():
         yield block
@@ -342,22 +358,23 @@ def read_imagefolder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
 
 def _sidecars(files: dict[str, str], cfg: DataConfig) -> list[str | None]:
     """A stem's (image, caption, JSON) extensions among `files` (extension -> path)."""
-    return [_first(IMAGE_EXTS, files), _first(cfg.caption_fields, files), _first(META_FIELDS, files)]
+    cols = cfg.columns
+    return [first(IMAGE_EXTS, files), first(cols.caption, files), first(cols.meta, files)]
 
 
-def _folder_row(files: dict[str, str], data: dict[str, bytes | None], cfg: DataConfig) -> tuple:
-    """(image, caption, meta, reason) of one stem, from its files' `data`."""
+def _folder_row(files: dict[str, str], data: dict[str, bytes | None], cfg: DataConfig) -> Fields:
+    """One stem's fields, from its files' `data`."""
     picks, cap = _sidecars(files, cfg), cfg.max_member_bytes
     image, caption, meta = (data.get(files[e]) if e else None for e in picks)
     for ext, content in zip(picks, (image, caption, meta)):
         if content is not None and len(content) > cap:
-            return None, None, None, _too_big(f"file {posixpath.basename(files[ext])!r}", cap)
+            return Fields(reason=_too_big(f"file {posixpath.basename(files[ext])!r}", cap))
     if picks[0] is None:
         names = ", ".join(sorted(posixpath.basename(p) for p in files.values()))
-        return None, None, None, f"no image file (has: {names})"
-    caption, reason = _text(caption)
-    meta, _ = _text(meta)
-    return image, caption, meta, reason
+        return Fields(reason=f"no image file (has: {names})")
+    caption, reason = text(caption)
+    meta, _ = text(meta)
+    return Fields(image, caption, meta, reason=reason)
 
 
 def read_folder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
@@ -375,7 +392,7 @@ def read_folder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
         wanted = [by_stem[s][e] for s in chunk for e in _sidecars(by_stem[s], cfg) if e]
         data = _read_files(fs, wanted, cfg.max_member_bytes)
         for stem in chunk:
-            if block := blocks.add(posixpath.basename(stem), *_folder_row(by_stem[stem], data, cfg)):
+            if block := blocks.add(posixpath.basename(stem), _folder_row(by_stem[stem], data, cfg)):
                 yield block
     if block := blocks.flush():
         yield block
@@ -387,6 +404,7 @@ READERS = {
     "hf": read_hf_arrow,
     "imagefolder": read_imagefolder,
     "folder": read_folder,
+    "hub": read_hub,
 }
 
 

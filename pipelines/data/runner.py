@@ -26,8 +26,7 @@ from uniloom.pipelines.data import text_tokenizer
 from uniloom.pipelines.data.commit import Committer, OutputSpec, remove_shard, shard_paths, sweep
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.dedup import DedupIndex, stale_failures
-from uniloom.pipelines.data.discovery import content_hashes, discover
-from uniloom.pipelines.data.fs import open_fs, to_uri
+from uniloom.pipelines.data.discovery import content_hashes, discover, input_uri
 from uniloom.pipelines.data.image_tokenizer import fingerprint as image_fingerprint
 from uniloom.pipelines.data.image_tokenizer import resolve_weights
 from uniloom.pipelines.data.lock import OutputLock
@@ -198,7 +197,7 @@ def _run(
     record_touched(manifest, p)
     recorded = {k: v for k, v in asdict(d).items() if k != "storage_options"}  # may hold secrets
     manifest.data.update(
-        inputs=[to_uri(*open_fs(uri, d.storage_options)) for uri in inputs],  # absolute
+        inputs=[input_uri(uri, d.storage_options) for uri in inputs],
         config={"preset": cfg.preset, "data": recorded, "mingtok": asdict(cfg.mingtok)},
         image_tokenizer={"weights": d.tokenizer_weights, "fingerprint": stage.image_tokenizer},
     )

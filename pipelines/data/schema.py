@@ -13,12 +13,15 @@ import pyarrow as pa
 IDS = pa.list_(pa.int32())
 VQA = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 
-# What a reader emits per row.
+# What a reader emits per row: an edit sample's instructions and target images, one per
+# round of its chain (round r's instruction applies to round r - 1's target).
 RAW_FIELDS = [
     ("key", pa.string()),
     ("image", pa.binary()),
     ("caption", pa.string()),
     ("meta", pa.string()),
+    ("edit_instruction", pa.list_(pa.string())),
+    ("edit_images", pa.list_(pa.binary())),
     ("status", pa.int8()),
     ("reason", pa.string()),
 ]
@@ -29,11 +32,10 @@ SOURCE_FIELDS = [("shard", pa.string()), *RAW_FIELDS, ("shard_rows", pa.int64())
 SOURCE_SCHEMA = pa.schema(SOURCE_FIELDS)
 
 # Columns every stage passes along unchanged, then what decoding and tokenizing add.
-CARRIED = ["shard", "key", "status", "reason", "shard_rows", "caption", "meta"]
+CARRIED = ["shard", "key", "status", "reason", "shard_rows", "caption", "meta", "edit_instruction"]
 TEXT_FIELDS = [
     ("text_ids", IDS),
-    ("edit_instruction", pa.list_(pa.string())),  # one per round of the edit chain
-    ("edit_instruction_ids", pa.list_(IDS)),
+    ("edit_instruction_ids", pa.list_(IDS)),  # one per round of the edit chain
     ("vqa", VQA),
     ("vqa_question_ids", pa.list_(IDS)),
     ("vqa_answer_ids", pa.list_(IDS)),
@@ -50,7 +52,7 @@ def prepared_schema(image_size: int) -> pa.Schema:
             ("sha", pa.binary(16)),
             ("phash", pa.uint64()),
             ("pixels", pixels),
-            ("edit_pixels", pa.list_(pixels)),  # each round's rendered target
+            ("edit_pixels", pa.list_(pixels)),  # each round's target, cropped like `pixels`
         ]
         + TEXT_FIELDS
     )

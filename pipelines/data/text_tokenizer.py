@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 
 from uniloom.models.special_tokens import SPECIAL_TOKENS
 from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data.fields import json_object
 from uniloom.pipelines.data.fs import join, open_fs, to_uri, write_atomic
-from uniloom.pipelines.data.images import edit_chain
 from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.readers import InputShard, ShardError, read_shard
 from uniloom.pipelines.data.stages import OK, Batch, Stage
@@ -129,18 +129,19 @@ class TokenizeText(Stage):
 
         captions = batch.column("caption")
         text_ids: list = [None] * n
-        for i, e in zip(idx.tolist(), ids([captions[i] for i in idx])):
+        captioned = [i for i in idx.tolist() if captions[i] is not None]  # edit samples may have none
+        for i, e in zip(captioned, ids([captions[i] for i in captioned])):
             text_ids[i] = e
         metas = [batch.values["meta_obj"][i] or {} for i in idx.tolist()]
-        edit = [None] * n
         edit_ids: list = [None] * n
         vqa: list = [None] * n
         q_ids: list = [None] * n
         a_ids: list = [None] * n
-        chains = [(i, texts) for i, m in zip(idx.tolist(), metas) if (texts := _instructions(m))]
+        instructions = batch.column("edit_instruction")
+        chains = [(i, instructions[i]) for i in idx.tolist() if instructions[i]]
         encoded = iter(ids([t for _, texts in chains for t in texts]))
         for i, texts in chains:
-            edit[i], edit_ids[i] = texts, [next(encoded) for _ in texts]
+            edit_ids[i] = [next(encoded) for _ in texts]
         rows, questions, answers = [], [], []
         for i, m in zip(idx.tolist(), metas):
             pairs = [
@@ -157,20 +158,11 @@ class TokenizeText(Stage):
             a_ids[i].append(a)
         batch.values.update(
             text_ids=text_ids,
-            edit_instruction=edit,
             edit_instruction_ids=edit_ids,
             vqa=vqa,
             vqa_question_ids=q_ids,
             vqa_answer_ids=a_ids,
         )
-
-
-def _instructions(meta: dict) -> list[str] | None:
-    """Every round's instruction of the sample's edit chain; None unless each round has one:
-    a chain is trained whole (EditTargets quarantines the rows of broken chains)."""
-    rounds = edit_chain(meta) or []
-    texts = [e.get("instruction") if isinstance(e, dict) else None for e in rounds]
-    return texts if texts and all(isinstance(t, str) for t in texts) else None
 
 
 def _bpe_params(d: DataConfig) -> dict[str, int]:
@@ -181,35 +173,31 @@ def _bpe_params(d: DataConfig) -> dict[str, int]:
     }
 
 
-def _meta_texts(meta: str | None) -> list[str]:
-    """The edit instructions and VQA pairs of a sample's JSON: text the model reads too."""
-    try:
-        obj = json.loads(meta) if meta else {}
-    except ValueError:
-        return []
-    obj = obj if isinstance(obj, dict) else {}
-    texts = [e.get("instruction") for e in edit_chain(obj) or [] if isinstance(e, dict)]
-    for pair in obj.get("vqa") or []:
+def _vqa_texts(meta: str | None) -> list[str]:
+    """The VQA pairs of a sample's JSON: text the model reads too."""
+    texts = []
+    for pair in json_object(meta).get("vqa") or []:
         if isinstance(pair, dict):
             texts += [pair.get("question"), pair.get("answer")]
     return [t for t in texts if isinstance(t, str)]
 
 
 def training_texts(shards: list[InputShard], d: DataConfig) -> Iterator[str]:
-    """What the BPE trains on: captions (with their samples' instructions and VQA pairs),
-    in shard order, from at most bpe_max_captions samples. Texts outside the caption
-    length filter's bounds are left out: such a caption never reaches the output, and BPE
-    training time grows with the square of a word's length (one 100,000-character word
-    took 37 s here, a megabyte would take hours)."""
+    """What the BPE trains on: captions, edit instructions and VQA pairs, in shard order,
+    from at most bpe_max_captions samples. Texts outside the caption length filter's
+    bounds are left out: such a caption never reaches the output, and BPE training time
+    grows with the square of a word's length (one 100,000-character word took 37 s here,
+    a megabyte would take hours)."""
     low, high = d.filters.min_caption_chars, d.filters.max_caption_chars
     left = d.bpe_max_captions
     for shard in shards:
         try:
             for block in read_shard(shard, d):
                 ok = block.filter(pc.equal(block.column("status"), OK)).slice(0, left)
-                for caption, meta in zip(ok.column("caption").to_pylist(), ok.column("meta").to_pylist()):
-                    texts = [caption, *_meta_texts(meta)]
-                    yield from (t for t in texts if low <= len(t.strip()) <= high)
+                columns = (ok.column(c).to_pylist() for c in ("caption", "edit_instruction", "meta"))
+                for caption, instructions, meta in zip(*columns):
+                    texts = [caption, *(instructions or []), *_vqa_texts(meta)]
+                    yield from (t for t in texts if t is not None and low <= len(t.strip()) <= high)
                 left -= ok.num_rows
                 if left == 0:
                     return

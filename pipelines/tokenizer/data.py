@@ -1,11 +1,11 @@
-"""Corpus samples for the tokenizer: decoding PNG/JPEG bytes into uint8 arrays, reading
-tars directly (evaluation, small local jobs) and through Ray Data (training)."""
+"""Corpus samples for the tokenizer: decoding PNG/JPEG bytes into uint8 arrays, and the
+corpus tars read with the data stage's tar reader (pipelines/data/tars.py: webdataset's
+keys), directly here (evaluation, calibration) and in Ray Data's tasks (training)."""
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from uniloom.pipelines.data.images import square_pixels
+from uniloom.pipelines.data.tars import TarError, TarSample, read_tar_file
 from uniloom.pipelines.errors import UniloomError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -48,41 +49,44 @@ def shard_paths(corpus: str | Path) -> list[Path]:
     return paths
 
 
-def check_images(exts: dict[str, set[str]], where: str | Path) -> None:
-    """Every sample (key -> its member extensions) has an image: MingTok trains on images
-    only, and a sample without one is a broken corpus, never silently dropped."""
-    missing = sorted(k for k, found in exts.items() if not found & set(IMAGE_EXTS))
+def tar_samples(path: str | Path) -> list[TarSample]:
+    """The samples of one corpus tar, each checked to have an image: MingTok trains on
+    images only, and a sample without one (or with a member the reader refuses) is a
+    broken corpus, never silently dropped."""
+    try:
+        samples = read_tar_file(str(path))
+    except (TarError, OSError) as e:
+        raise UniloomError(f"{path}: not a readable tar ({e})") from None
+    if refused := next((s for s in samples if s.refused), None):
+        raise UniloomError(f"{path}: sample {refused.key}: {refused.refused}")
+    missing = [s for s in samples if not set(s.members) & set(IMAGE_EXTS)]
     if missing:
-        names = ", ".join(f"{k} ({', '.join(sorted(exts[k])) or 'no members'})" for k in missing[:5])
+        names = ", ".join(f"{s.key} ({', '.join(sorted(s.members)) or 'no members'})" for s in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UniloomError(
-            f"{where}: {len(missing)} sample(s) without an image ({'/'.join(IMAGE_EXTS)}): {names}{more}"
+            f"{path}: {len(missing)} sample(s) without an image ({'/'.join(IMAGE_EXTS)}): {names}{more}"
         )
+    return samples
+
+
+def image_of(sample: TarSample, size: int) -> np.ndarray:
+    """The sample's image (its first of IMAGE_EXTS) as (3, size, size) uint8."""
+    ext = next(e for e in IMAGE_EXTS if e in sample.members)
+    return decode_image(sample.members[ext], size, f"{sample.key}.{ext}")
 
 
 def read_tars(paths: list[Path], size: int, limit: int | None = None) -> Samples:
     """Every sample (image + caption + JSON) of `paths`, decoded at `size`."""
     groups: dict[str, dict[str, bytes]] = {}
     for path in paths:
-        found: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        key, _, ext = member.name.partition(".")
-                        found.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError) as e:
-            raise UniloomError(f"{path}: not a readable tar ({e})") from None
-        check_images({k: set(files) for k, files in found.items()}, path)
-        groups.update(found)
+        groups.update((s.key, s.members) for s in tar_samples(path))
         if limit and len(groups) >= limit:
             break
     keys = sorted(groups)[:limit]
     images, captions, meta = [], [], []
     for key in keys:
         files = groups[key]
-        ext = next(e for e in IMAGE_EXTS if e in files)
-        images.append(decode_image(files[ext], size, f"{key}.{ext}"))
+        images.append(image_of(TarSample(key, files), size))
         captions.append(files.get("txt", b"").decode())
         meta.append(json.loads(files["json"]) if "json" in files else {})
     return Samples(

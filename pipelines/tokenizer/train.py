@@ -1,6 +1,7 @@
 """`uniloom tokenizer train`: MingTok's masked-image-modeling run on Ray Train.
 
-    corpus tars -> Ray Data (read_webdataset, decode PNG, caption index) -> TorchTrainer
+    corpus tars -> Ray Data (one task per tar: the data stage's tar reader, decode PNG,
+    caption index) -> TorchTrainer
     (1 or more workers: GPUs with NCCL or CPUs with gloo, tokenizer.device;
     pipelines/tokenizer/loop.py) -> last checkpoint ->
     calibrated latent normalisation -> consolidated safetensors -> evaluation -> MLflow
@@ -11,9 +12,9 @@ Rerunning with the same run name resumes from the last checkpoint of that run.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.errors import UniloomError
-from uniloom.pipelines.tokenizer.data import IMAGE_EXTS, check_images, decode_image, read_tars, shard_paths
+from uniloom.pipelines.tokenizer.data import image_of, read_tars, shard_paths, tar_samples
 
 
 def corpus_dir(cfg: UniloomConfig) -> Path:
@@ -45,39 +46,27 @@ def split_shards(cfg: UniloomConfig) -> tuple[list[Path], list[Path]]:
 def read_captions(paths: list[Path]) -> list[str]:
     """The captions of the training tars, which are checked to give every sample an image
     here, before training starts, rather than by a failing Ray Data task later."""
-    captions = []
-    for path in paths:
-        exts: dict[str, set[str]] = {}
-        with tarfile.open(path) as tar:
-            for m in (m for m in tar if m.isfile()):
-                key, _, ext = m.name.partition(".")
-                exts.setdefault(key, set()).add(ext)
-                if m.name.endswith(".txt"):
-                    captions.append(tar.extractfile(m).read().decode())
-        check_images(exts, path)
-    return captions
+    return [s.members["txt"].decode() for path in paths for s in tar_samples(path) if "txt" in s.members]
+
+
+def _decode_tars(batch: dict[str, Any], size: int, caption_index: dict[str, int]) -> dict[str, np.ndarray]:
+    """A batch of tar paths -> their samples: images (B, 3, H, W) uint8, caption indices (B,)."""
+    # read_captions checked every tar: only one changed since fails here
+    samples = [s for path in batch["path"] for s in tar_samples(str(path))]
+    captions = [caption_index[s.members["txt"].decode()] for s in samples]
+    return {"image": np.stack([image_of(s, size) for s in samples]), "caption": np.array(captions, np.int64)}
 
 
 def build_dataset(paths: list[Path], size: int, caption_index: dict[str, int], materialize: bool):
-    """Ray Data: (image uint8 (3, H, W), caption index) rows from the webdataset tars."""
+    """Ray Data: (image uint8 (3, H, W), caption index) rows from the webdataset tars, one
+    read task per tar."""
     import ray.data
-
-    def decode(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        keys = batch["__key__"]
-        images, captions = [], []
-        for i, key in enumerate(keys):
-            ext = next((e for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
-            if ext is None:  # read_captions checked every training tar: the tar changed since
-                raise UniloomError(f"corpus sample {key} has no image ({'/'.join(IMAGE_EXTS)})")
-            images.append(decode_image(batch[ext][i], size, f"{key}.{ext}"))
-            text = batch["txt"][i]
-            captions.append(caption_index[text.decode() if isinstance(text, bytes) else str(text)])
-        return {"image": np.stack(images), "caption": np.array(captions, dtype=np.int64)}
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_webdataset([str(p) for p in paths], decoder=None)
-    ds = ds.map_batches(decode, batch_format="numpy", batch_size=256, num_cpus=0.5)
+    ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=len(paths))
+    decode = functools.partial(_decode_tars, size=size, caption_index=caption_index)
+    ds = ds.map_batches(decode, batch_format="numpy", batch_size=1, num_cpus=0.5)
     return ds.materialize().randomize_block_order() if materialize else ds
 
 

@@ -111,15 +111,17 @@ def _latents(blob: bytes, shape, dtype: str):
 
 class TaskSampler:
     """One training sample per row, its task drawn with the stage's mix among the tasks
-    the row supports (editing needs an edit chain), seeded by (seed, epoch, key).
+    the row supports (editing needs an edit chain, the others a caption), seeded by
+    (seed, epoch, key).
 
     VQA is one conversation over all of the row's question-answer pairs, in a drawn order
     (evaluation asks each question first, right after the image). Editing trains the first
     1..R rounds of the row's chain, the count uniform, each round generated with the
     previous round's output in context. A sample longer than `seq_len` is skipped and
     counted in `too_long`: the preset's seq_len is sized so that this stays rare. A row
-    that supports none of the stage's tasks (an editing-only mix, a row without an edit
-    chain) is skipped and counted in `no_task`; both are logged as training metrics."""
+    that supports none of the stage's tasks (an editing-only mix and a row without an edit
+    chain, a captioning mix and an edit sample without a caption) is skipped and counted in
+    `no_task`; both are logged as training metrics."""
 
     def __init__(self, stage: StageConfig, t: TrainConfig, image_tokenizer: str):
         self.mix = {k: stage.mix.get(k, 0.0) for k in TASK_KINDS}
@@ -140,7 +142,10 @@ class TaskSampler:
             )
         rng = self.rng(row["key"], epoch)
         can_edit = bool(row["edit_latents"]) and bool(row["edit_instruction_ids"])
-        weights = np.array([self.mix[k] if (k != "editing" or can_edit) else 0.0 for k in TASK_KINDS])
+        captioned = row["text_ids"] is not None  # an editing set's samples may have no caption
+        weights = np.array(
+            [self.mix[k] if (can_edit if k == "editing" else captioned) else 0.0 for k in TASK_KINDS]
+        )
         if weights.sum() <= 0:
             self.no_task += 1
             return None

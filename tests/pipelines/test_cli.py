@@ -29,7 +29,8 @@ def test_synth_2000_samples_8_shards_json_summary(cli, tmp_path, report):
     total = 0
     for path in tars:
         with tarfile.open(path) as tar:
-            total += sum(1 for n in tar.getnames() if n.endswith(".png"))
+            # source images ({key}.png), not the edit targets ({key}.tgt<r>.png)
+            total += sum(1 for n in tar.getnames() if n.split(".", 1)[1] == "png")
     assert total == 2000
 
 

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from uniloom.pipelines.data.config import DataConfig
+from uniloom.pipelines.data.config import ColumnsConfig, DataConfig
 from uniloom.pipelines.data.discovery import HIDDEN, content_hashes, discover
 from uniloom.pipelines.data.readers import ShardError, read_shard
 from uniloom.pipelines.data.stages import OK, QUARANTINED
@@ -75,7 +75,7 @@ def test_parquet_with_configured_column_names(tmp_path):
         }
     )
     pq.write_table(table, tmp_path / "part-0.parquet")
-    cfg = DataConfig(image_fields=["img"], caption_fields=["alt"], key_field="id")
+    cfg = DataConfig(columns=ColumnsConfig(image=["img"], caption=["alt"], key="id"))
     rows = rows_of(tmp_path, cfg)
     assert [(r["key"], r["caption"], colour_of(r["image"])) for r in rows] == [
         ("x1", "green thing", "green"),

@@ -1,5 +1,5 @@
 """The CPU stages on crafted rows: decoding and validation, filters, crop, hashes, edit
-targets and text ids, as the Prepare function composes them."""
+targets (decoded from the row's target images) and text ids, as the Prepare function composes them."""
 
 import io
 import json
@@ -11,12 +11,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from uniloom.pipelines.corpus.render import render
-from uniloom.pipelines.corpus.scenes import sample_scene, scene_objects
 from uniloom.pipelines.data import text_tokenizer
 from uniloom.pipelines.data.config import DataConfig, FilterConfig
 from uniloom.pipelines.data.dedup import hamming
-from uniloom.pipelines.data.images import phash
+from uniloom.pipelines.data.images import phash, square_pixels
 from uniloom.pipelines.data.prepare import Prepare
 from uniloom.pipelines.data.schema import SOURCE_SCHEMA
 from uniloom.pipelines.data.stages import END, FILTERED, OK, QUARANTINED, Batch, Filter
@@ -188,40 +186,56 @@ def test_perceptual_hash_is_close_for_a_re_encoded_picture_and_far_for_another()
     assert d[0, 1] <= 4 and d[0, 2] >= 16
 
 
-def test_edit_rows_get_every_rounds_rendered_target_and_text_ids(tok_ref):
-    scene = sample_scene(0, 3)
-    meta = json.dumps({**scene, "vqa": scene["vqa"][:2]})
-    out = prepare([{"image": encode(render(scene_objects(scene["objects"]), 48)), "meta": meta}], tok_ref)[0]
-    assert out["status"] == OK and len(out["edit_pixels"]) == len(scene["edits"]) == 3
-    for edit, pixels in zip(scene["edits"], out["edit_pixels"]):
-        target = np.asarray(render(scene_objects(edit["objects"]), S))
-        assert np.array_equal(np.frombuffer(pixels, np.uint8).reshape(S, S, 3), target)
-    # Each round's target differs from the one before: the chain is not one edit repeated.
-    assert len({bytes(p) for p in out["edit_pixels"]}) == 3
+def test_edit_rows_get_every_rounds_target_cropped_like_the_source_and_text_ids(tok_ref):
+    """Targets of any size and format are decoded and centre-cropped as the source is."""
+    targets = [
+        encode(halves((60, 40), (0, 160, 0))),
+        encode(halves((40, 40), (0, 0, 255), (255, 255, 0)), "JPEG", quality=95),
+        encode(Image.new("L", (50, 70), 90)),
+    ]
+    vqa = [{"question": "What colour is the circle?", "answer": "red"}]
+    row = {
+        "image": encode(halves()),
+        "meta": json.dumps({"vqa": vqa}),
+        "edit_instruction": ["a red circle", "two blue squares", "red"],
+        "edit_images": targets,
+    }
+    out = prepare([row], tok_ref)[0]
+    assert out["status"] == OK and len(out["edit_pixels"]) == 3
+    for target, pixels in zip(targets, out["edit_pixels"]):
+        expected = square_pixels(Image.open(io.BytesIO(target)), S)
+        assert np.array_equal(np.frombuffer(pixels, np.uint8).reshape(S, S, 3), expected)
+    assert len({bytes(p) for p in out["edit_pixels"]}) == 3  # each round its own target
     tok = text_tokenizer.load(tok_ref)
     assert tok.decode(out["text_ids"]) == "a red circle"
-    assert out["edit_instruction"] == [e["instruction"] for e in scene["edits"]]
+    assert out["edit_instruction"] == row["edit_instruction"]
     assert [tok.decode(e) for e in out["edit_instruction_ids"]] == out["edit_instruction"]
-    assert [tok.decode(q) for q in out["vqa_question_ids"]] == [p["question"] for p in scene["vqa"][:2]]
-    assert out["vqa"] == scene["vqa"][:2]
+    assert [tok.decode(q) for q in out["vqa_question_ids"]] == [vqa[0]["question"]] and out["vqa"] == vqa
 
 
-def test_a_chain_with_a_round_that_does_not_render_is_quarantined_with_the_round(tok_ref):
-    scene = sample_scene(0, 3)
-    image = encode(render(scene_objects(scene["objects"]), 48))
-    bad_shape = [dict(e) for e in scene["edits"]]
-    bad_shape[1]["objects"] = [{**bad_shape[1]["objects"][0], "shape": "hexagon"}]
-    no_instruction = [dict(e) for e in scene["edits"]]
-    del no_instruction[2]["instruction"]
+def test_a_chain_with_a_target_that_does_not_decode_is_quarantined_with_its_round(tok_ref):
+    good, big = encode(halves()), encode(Image.new("RGB", (200, 200)))
     rows = [
-        {"image": image, "meta": json.dumps({**scene, "edits": edits})}
-        for edits in (bad_shape, no_instruction)
+        {"image": good, "edit_instruction": ["a", "b"], "edit_images": [good, b"not an image"]},
+        {"image": good, "edit_instruction": ["a"], "edit_images": [big]},
     ]
-    out = prepare(rows, tok_ref)
+    out = prepare(rows, tok_ref, max_pixels=10_000)
     assert [r["status"] for r in out] == [QUARANTINED, QUARANTINED]
-    assert out[0]["reason"] == "edit round 1 target does not render (ValueError: unknown shape 'hexagon')"
-    assert out[1]["reason"] == "edit round 2 has no instruction"
-    assert out[0]["edit_pixels"] is None and out[0]["edit_instruction"] is None
+    assert out[0]["reason"] == "edit round 1 target: not a readable image (UnidentifiedImageError)"
+    assert out[1]["reason"] == "edit round 0 target: 200x200 pixels exceed max_pixels 10000"
+    assert out[0]["edit_pixels"] is None and out[0]["edit_instruction_ids"] is None
+
+
+def test_an_edit_row_without_a_caption_passes_the_caption_filter_without_text_ids(tok_ref):
+    row = {
+        "image": encode(halves()),
+        "caption": None,
+        "edit_instruction": ["red"],
+        "edit_images": [encode(halves())],
+    }
+    (out,) = prepare([row], tok_ref, filters={"min_caption_chars": 3})
+    assert out["status"] == OK and out["text_ids"] is None and len(out["edit_pixels"]) == 1
+    assert text_tokenizer.load(tok_ref).decode(out["edit_instruction_ids"][0]) == "red"
 
 
 def test_marker_rows_and_rows_without_edit_pass_through(tok_ref):

@@ -66,8 +66,11 @@ def test_synthesize_writes_sorted_complete_reproducible_shards(tmp_path):
         with tarfile.open(p) as tar:
             names = tar.getnames()
         assert names == sorted(names)
-        stems = sorted({n.rsplit(".", 1)[0] for n in names})
-        assert all({f"{k}.json", f"{k}.png", f"{k}.txt"} <= set(names) for k in stems)
+        stems = sorted({n.split(".", 1)[0] for n in names})  # webdataset's key: up to the first dot
+        members = {
+            f"{k}.{m}" for k in stems for m in ("json", "png", "txt", "tgt0.png", "tgt1.png", "tgt2.png")
+        }
+        assert set(names) == members  # every round's target image beside the sample
         keys += stems
     assert len(keys) == len(set(keys)) == 50
 
