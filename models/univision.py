@@ -247,10 +247,12 @@ class UniVision(nn.Module):
         flow = code = zero
         if kind == "mingtok":
             # Called with no targets too (N = 0): a flow head balanced across ranks
-            # (pipelines/train/flow_balance.py) exchanges rows at every step.
+            # (pipelines/train/flow_balance.py) exchanges rows at every step, and with N = 0
+            # the empty sum keeps it in the graph: the rows this rank ran for others get
+            # their gradients, and its backward makes the same exchanges as the other ranks'.
             x0_NC, cond_NZ = self.flow_pairs(batch, h_BTH)
             flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
-            flow = flow_mse.mean() if flow_mse.numel() else zero
+            flow = flow_mse.mean() if flow_mse.numel() else flow_mse.sum()
             image = self.cfg.flow_loss_weight * flow
             per_task |= _per_task(flow_mse, batch.task_ids[batch.image_targets], "flow")
         elif kind == "unitok":

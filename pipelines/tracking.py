@@ -165,6 +165,91 @@ class RunLog:
         )
 
 
+class RunLogger:
+    """Logging into a run that is already going, by its id, from any process: a Ray Train
+    worker (rank 0; `active` False on the others makes every call a no-op) or the driver.
+    Every call goes through a RunLog: a tracking server that fails mid-run costs records,
+    never training; `close` ends the run and reports what was lost. MLflow's system
+    metrics are sampled while the handle is open."""
+
+    def __init__(self, uri: str, run_id: str, active: bool = True):
+        self.active = active and bool(run_id)
+        self.log = RunLog(uri)
+        if self.active:
+            import mlflow
+
+            use_tracking_uri(uri)
+            mlflow.start_run(run_id=run_id, log_system_metrics=True)
+
+    def metrics(self, values: dict[str, Any], step: int) -> None:
+        """Numbers only: keys starting with `_` are the caller's, not MLflow's."""
+        if self.active:
+            import mlflow
+
+            values = {k: float(v) for k, v in values.items() if not k.startswith("_")}
+            self.log(f"metrics at step {step}", mlflow.log_metrics, values, step=step)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.active:
+            import mlflow
+
+            self.log("tags", mlflow.set_tags, redact(values))
+
+    def image(self, image: Any, path: str) -> None:
+        """A PIL image or an (H, W[, C]) uint8 array at artifact `path`."""
+        if self.active:
+            import mlflow
+
+            self.log(path, mlflow.log_image, image, path)
+
+    def dict(self, values: dict[str, Any], path: str) -> None:
+        if self.active:
+            import mlflow
+
+            self.log(path, mlflow.log_dict, values, path)
+
+    def close(self) -> None:
+        if self.active:
+            import sys
+
+            self.log.end()
+            if lost := self.log.report():
+                print(f"warning: {lost}", file=sys.stderr, flush=True)
+
+
+def log_dataset(run_id: str, name: str, uri: str, digest: str, counts: dict[str, int]) -> None:
+    """The run's training input as an MLflow dataset: where it is (credentials redacted),
+    its fingerprint as the digest, and its counts (rows, shards) as the input's tags."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    uri = redact_text(uri)
+    # MLflow registers its local source twice and warns that a path is ambiguous: pick it.
+    local = "://" not in uri or uri.startswith("file://")
+    sources = [s for s in get_registered_sources() if local and s._get_source_type() == "local"]
+    source = sources[0].from_dict({"uri": uri}) if sources else resolve_dataset_source(uri)
+    dataset = MetaDataset(source, name=name, digest=digest)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")] + [InputTag(k, str(v)) for k, v in counts.items()]
+    mlflow_client().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+def describe_version(name: str, version: str, tags: dict[str, str], description: str | None = None) -> None:
+    """Tags (and a description) on a registered model version."""
+    client = mlflow_client()
+    for key, value in redact(tags).items():
+        client.set_model_version_tag(name, version, key, value)
+    if description is not None:
+        client.update_model_version(name, version, description=redact_text(description))
+
+
+def mlflow_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
 @contextlib.contextmanager
 def stage_run(
     cfg: UniloomConfig, name: str, tags: dict[str, Any] | None = None, log: RunLog | None = None

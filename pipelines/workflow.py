@@ -10,6 +10,9 @@ dependents too. State lives in
 `<workspace>/workflow.json`, written atomically after each stage, so a run that dies
 keeps every stage it finished. One MLflow parent run covers an invocation; every stage
 that runs gets a nested run, and skipped stages are listed on the parent.
+
+The terminal gets one progress bar per stage; each stage's own output (and Ray's,
+DeepSpeed's, MLflow's) goes to `<workspace>/logs/<stage>.log` (pipelines/terminal.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from typing import Any
 from uniloom.pipelines.codehash import Sources
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.terminal import Terminal
 
 
 @dataclass
@@ -114,17 +119,41 @@ class StageReport:
     result: StageResult
 
 
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def run_workflow(
-    cfg: UniloomConfig, stages: list[Stage], echo: Callable[[str], None] = print, force: tuple[str, ...] = ()
+    cfg: UniloomConfig,
+    stages: list[Stage],
+    force: tuple[str, ...] = (),
+    terminal: Terminal | None = None,
 ) -> tuple[list[StageReport], str | None]:
-    """Run `stages` in order; returns per-stage reports and the MLflow parent run id."""
+    """Run `stages` in order; returns per-stage reports and the MLflow parent run id.
+    `terminal`: where the bars go (default: this process's stderr; logs under
+    `<workspace>/logs`). A Ray instance the stages started is shut down at the end, its
+    last words into the logs."""
+    workspace = Path(cfg.workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    state = State(workspace)
+    terminal = terminal or Terminal(workspace / "logs")
+    ray_was_up = _ray_up()
+    with terminal.captured():
+        try:
+            return _run_stages(cfg, stages, force, terminal, state)
+        finally:
+            if not ray_was_up and _ray_up():
+                sys.modules["ray"].shutdown()
+
+
+def _run_stages(
+    cfg: UniloomConfig, stages: list[Stage], force: tuple[str, ...], terminal: Terminal, state: State
+) -> tuple[list[StageReport], str | None]:
     import mlflow
 
     from uniloom.pipelines.tracking import configure, log_config
 
-    workspace = Path(cfg.workspace)
-    workspace.mkdir(parents=True, exist_ok=True)
-    state = State(workspace)
     sources = Sources()
     configure(cfg)
     reports: list[StageReport] = []
@@ -140,25 +169,24 @@ def run_workflow(
             rerun = stage.name in force or any(d in ran for d in stage.depends)
             cached = None if rerun else state.fresh(stage.name, fp)
             if cached is not None:
-                echo(f"[{stage.name}] unchanged (fingerprint {fp}): skipped")
+                terminal.say(f"[{stage.name}] unchanged (fingerprint {fp}): skipped")
                 results[stage.name] = cached
                 reports.append(StageReport(stage.name, "skipped", 0.0, fp, cached))
                 continue
-            echo(f"[{stage.name}] running: {stage.description}")
             start = time.perf_counter()
-            with mlflow.start_run(
-                run_name=stage.name, nested=True, tags={"uniloom.stage": stage.name}
-            ) as run:
-                mlflow.log_param("fingerprint", fp)
-                result = stage.run(cfg, results)
-                if result.metrics:
-                    mlflow.log_metrics(result.metrics)
+            with terminal.stage(stage.name, stage.description or stage.name):
+                with mlflow.start_run(
+                    run_name=stage.name, nested=True, tags={"uniloom.stage": stage.name}
+                ) as run:
+                    mlflow.log_param("fingerprint", fp)
+                    result = stage.run(cfg, results)
+                    if result.metrics:
+                        mlflow.log_metrics(result.metrics)
             seconds = time.perf_counter() - start
             state.record(stage.name, fp, result, seconds, run.info.run_id)
             results[stage.name] = result
             ran.add(stage.name)
             reports.append(StageReport(stage.name, "ran", seconds, fp, result))
-            echo(f"[{stage.name}] done in {seconds:.1f} s")
         skipped = [r.name for r in reports if r.status == "skipped"]
         mlflow.set_tag("uniloom.skipped_stages", ",".join(skipped) or "none")
     return reports, parent.info.run_id

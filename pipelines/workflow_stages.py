@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
+from uniloom.pipelines import progress
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.workflow import Stage, StageResult, code_fingerprint
 
@@ -41,7 +44,14 @@ def _numbers(summary: dict, keys) -> dict[str, float]:
 def _corpus(cfg: UniloomConfig, _: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.corpus.synth import synthesize, write_photos
 
-    shards = synthesize(cfg.corpus, _root(cfg) / "corpus")
+    done = 0
+
+    def shard_written(samples: int) -> None:
+        nonlocal done
+        done += samples
+        progress.report("corpus", done, cfg.corpus.num, "samples")
+
+    shards = synthesize(cfg.corpus, _root(cfg) / "corpus", progress=shard_written)
     photos = write_photos(_root(cfg) / "photos")
     return StageResult(
         outputs={"corpus": str(shards[0].parent), "photos": str(photos)},
@@ -52,6 +62,7 @@ def _corpus(cfg: UniloomConfig, _: dict[str, StageResult]) -> StageResult:
 def _tokenizer(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.evaluate.benchmark import Proportion
     from uniloom.pipelines.tokenizer.train import train_tokenizer
+    from uniloom.pipelines.tracking import describe_version, log_dataset
 
     cfg = copy.deepcopy(cfg)
     cfg.tokenizer.corpus = done["corpus"].outputs["corpus"]
@@ -62,12 +73,30 @@ def _tokenizer(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
         n = int(summary["images"])
         metrics.update(Proportion(round(metrics["detector_agreement"] * n), n).metrics("detector_agreement"))
     outputs = {"weights": summary["weights"]}
-    if summary.get("registered_version"):
-        metrics["registered_version"] = float(summary["registered_version"])
+    version = summary.get("registered_version")
+    if version:
+        metrics["registered_version"] = float(version)
+    # lineage: the corpus MingTok trained on, as the run's dataset and on the version
+    corpus = sorted(Path(cfg.tokenizer.corpus).glob("*.tar"))
+    digest = files_fingerprint(corpus)
+    log_dataset(summary["mlflow_run_id"], "uniloom-corpus", cfg.tokenizer.corpus, digest,
+                {"shards": len(corpus), "samples": cfg.corpus.num})  # fmt: skip
+    if version:
+        describe_version(MINGTOK_NAME, str(version), {"data.fingerprint": digest})
     return StageResult(outputs=outputs, metrics=metrics)
 
 
+def files_fingerprint(paths: list[Path]) -> str:
+    """Hash of the files' names and contents."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(path.name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
 def _data(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
+    from uniloom.pipelines.data.discovery import discover
     from uniloom.pipelines.data.runner import run
     from uniloom.pipelines.raycluster import init_ray
 
@@ -76,7 +105,16 @@ def _data(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     init_ray(cfg.ray)
     output = str(_root(cfg) / "data")
     inputs = [done["corpus"].outputs["corpus"], str(Path(done["corpus"].outputs["photos"]).parent)]
-    summary = run(cfg, inputs, output)
+    total, counts, start = len(discover(inputs, cfg.data)), {"shards": 0, "images": 0}, time.perf_counter()
+
+    def committed(shard: str, rows: dict[str, Any]) -> None:
+        counts["shards"] += 1
+        counts["images"] += rows["read"]
+        rate = counts["images"] / (time.perf_counter() - start)
+        progress.report("data", counts["shards"], total, "shards",
+                        {"images": str(counts["images"]), "images/s": f"{rate:.1f}"})  # fmt: skip
+
+    summary = run(cfg, inputs, output, on_commit=committed)
     if summary["errors"]:
         from uniloom.pipelines.errors import UniloomError
 
@@ -88,27 +126,18 @@ def _data(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     return StageResult(outputs={"shards": output}, metrics=metrics)
 
 
-def shards_fingerprint(uri: str, storage_options: dict[str, Any]) -> str:
-    """Hash of the per-shard fingerprints in a data run's manifest (each covers the shard's
-    input, the data config, both tokenizers and the code that made its rows)."""
-    from uniloom.pipelines.data.manifest import Manifest
-
-    entries = Manifest.load(uri, storage_options).shards
-    blob = json.dumps({sid: entry["fingerprint"] for sid, entry in entries.items()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def train_identity(cfg: UniloomConfig, mingtok: str | None = None) -> dict[str, Any]:
     """What decides the weights of the train stage, but the recipe's stages: the model
     and train config, the shards, the MingTok (`mingtok`: its fingerprint, where the
     caller has it), the code the train stage runs."""
+    from uniloom.pipelines.train.registry import shards_lineage
     from uniloom.pipelines.train.trainer import effective_config, shards_uri
 
     skip = (*NOT_WEIGHTS, "stages")
     return {
         "model": to_dict(cfg.model),
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in skip},
-        "shards": shards_fingerprint(shards_uri(cfg), cfg.data.storage_options),
+        "shards": shards_lineage(shards_uri(cfg), cfg.data.storage_options)[0],
         "mingtok": mingtok or effective_config(cfg)[1],
         "code": code_fingerprint(_train),
     }
@@ -162,7 +191,9 @@ def _train(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
 
     cfg, prefixes = _train_setup(cfg, done)
     # per stage, so a new run starts after the longest recipe prefix an earlier run finished
-    summary = train(cfg, stage=None, echo=_echo, prefixes=prefixes)
+    version = done["tokenizer"].metrics.get("registered_version")
+    summary = train(cfg, stage=None, echo=_echo, prefixes=prefixes,
+                    tokenizer_version=str(int(version)) if version else None)  # fmt: skip
     metrics = _numbers(
         summary, ("loss_first", "loss_last", "global_step", "tokens_per_s", "registered_version")
     )
@@ -178,7 +209,8 @@ def _eval(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     )
     bundle = on_device(bundle, cfg.eval)
     _echo(f"{cfg.eval.scenes} test scenes (corpus seed {cfg.corpus.seed})")
-    evaluation = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed, cfg.corpus.max_objects)
+    evaluation = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed, cfg.corpus.max_objects,
+                                 lambda n, total: progress.report("eval", n, total, "samples"))  # fmt: skip
     for line in format_table(evaluation.metrics).splitlines():
         _echo(line)
     log_evaluation(evaluation, log_metrics=False)  # the workflow logs the stage's metrics
@@ -220,10 +252,13 @@ def _register(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
         MINGTOK_NAME: done["tokenizer"].metrics.get("registered_version"),
         UNIVISION_NAME: done["train"].metrics.get("registered_version"),
     }
+    figures = {MINGTOK_NAME: done["tokenizer"].metrics, UNIVISION_NAME: done["eval"].metrics}
     moved = {}
     for name, failures in decisions.items():
         _echo(f"{name}: gate {'passed' if not failures else 'failed: ' + '; '.join(failures)}")
         mlflow.set_tag(f"gate.{name}", "; ".join(failures) or "passed")
+        if versions[name]:
+            describe(name, str(int(versions[name])), figures[name], failures)
         moved[name] = not failures and _set_champion(client, name, versions[name])
     return StageResult(
         metrics={
@@ -231,6 +266,45 @@ def _register(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
             "univision_champion": float(moved[UNIVISION_NAME]),
         }
     )
+
+
+def describe(name: str, version: str, figures: dict[str, float], failures: list[str]) -> None:
+    """A registered version's evaluation figures as tags `eval.<metric>`, its gate, and a
+    description: what it was trained on (its lineage tags), its figures with n and 95%
+    interval, its gate."""
+    from uniloom.pipelines.evaluate.report import rows
+    from uniloom.pipelines.tracking import describe_version, mlflow_client
+
+    lineage = mlflow_client().get_model_version(name, version).tags
+    heads = {
+        k: v for k, v in figures.items() if not k.endswith(("_n", "_lo", "_hi")) and k not in NOT_FIGURES
+    }
+    gate = "; ".join(failures) or "passed"
+    tags = {**{f"eval.{k}": f"{v:.4g}" for k, v in heads.items()}, "gate": gate}
+    trained = [f"{label} {lineage[key]}" for key, label in LINEAGE if key in lineage]
+    intervals = {r["metric"]: r for r in rows(figures)}
+    shown = [f"{k} {v:.4g}{_interval(intervals.get(k))}" for k, v in heads.items()]
+    text = (
+        f"Trained on: {', '.join(trained) or 'not recorded'}.\nEvaluation: {'; '.join(shown)}.\nGate: {gate}."
+    )
+    describe_version(name, version, tags, text)
+
+
+def _interval(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if math.isnan(row["lo"]):
+        return f" (n {int(row['n'])})"
+    return f" (n {int(row['n'])}, 95% {row['lo']:.3f}-{row['hi']:.3f})"
+
+
+# a registered version's lineage tags (set where it was trained), as its description names them
+LINEAGE = (
+    ("data.fingerprint", "data"),
+    ("data.rows", "rows"),
+    ("tokenizer.version", f"{MINGTOK_NAME} version"),
+)
+NOT_FIGURES = ("registered_version", "steps")  # in a stage's metrics, but no evaluation
 
 
 def workflow_stages() -> list[Stage]:

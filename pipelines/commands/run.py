@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from uniloom.pipelines.commands.options import config_options, emit, json_option, note
+from uniloom.pipelines.commands.options import config_options, emit, json_option
 from uniloom.pipelines.tracking import tracking_uri
 
 
@@ -16,11 +16,19 @@ from uniloom.pipelines.tracking import tracking_uri
     "--workspace", type=click.Path(file_okay=False), help="Workspace directory [config: workspace]."
 )
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun STAGE even if unchanged (repeatable).")
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show every stage's own output too, not only its progress (it is in <workspace>/logs either way).",
+)
 @config_options
 @json_option
-def run(workspace: str | None, force: tuple[str, ...], cfg, as_json: bool) -> None:
-    """Corpus -> tokenizer -> data -> training recipe -> evaluation -> registry."""
+def run(workspace: str | None, force: tuple[str, ...], verbose: bool, cfg, as_json: bool) -> None:
+    """Corpus -> tokenizer -> data -> training recipe -> evaluation -> registry.
+
+    Each stage shows one progress bar; its full output goes to <workspace>/logs/<stage>.log."""
     from uniloom.pipelines.errors import UniloomError
+    from uniloom.pipelines.terminal import Terminal
     from uniloom.pipelines.workflow import run_workflow
     from uniloom.pipelines.workflow_stages import workflow_stages
 
@@ -31,7 +39,8 @@ def run(workspace: str | None, force: tuple[str, ...], cfg, as_json: bool) -> No
     if unknown:
         raise UniloomError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}")
     start = time.perf_counter()
-    reports, parent_run = run_workflow(cfg, stages, echo=note, force=force)
+    logs = Path(cfg.workspace).resolve() / "logs"
+    reports, parent_run = run_workflow(cfg, stages, force=force, terminal=Terminal(logs, verbose))
     seconds = time.perf_counter() - start
     click.echo("", err=True)
     click.echo(f"{'stage':<12} {'status':<8} {'seconds':>8}  metrics", err=True)
@@ -47,6 +56,7 @@ def summarize(cfg, reports, parent_run: str | None, seconds: float) -> dict:
         "workspace": str(Path(cfg.workspace).resolve()),
         "mlflow_tracking_uri": tracking_uri(cfg),
         "mlflow_parent_run": parent_run,
+        "logs": str(Path(cfg.workspace).resolve() / "logs"),
         "seconds": round(seconds, 1),
         "ran": [r.name for r in reports if r.status == "ran"],
         "skipped": [r.name for r in reports if r.status == "skipped"],

@@ -232,6 +232,12 @@ def score_edit_chains(
     round r's target with round r - 1's target (the scene itself for round 1) as
     "before"; success at k rounds means every round 1..k succeeded."""
     rounds = len(items[0].scene["edits"]) if items else 0
+    streaks = edit_streaks(items, chains)
+    return {k: proportion([s >= k for s in streaks]) for k in range(1, rounds + 1)}
+
+
+def edit_streaks(items: Sequence[EvalItem], chains: Sequence[Sequence[np.ndarray]]) -> list[int]:
+    """Per item, the rounds of its chain that succeeded in a row from the first."""
     streaks = []
     for item, images in zip(items, chains, strict=True):
         before, streak = item.scene["objects"], 0
@@ -241,7 +247,7 @@ def score_edit_chains(
             streak += 1
             before = edit["objects"]
         streaks.append(streak)
-    return {k: proportion([s >= k for s in streaks]) for k in range(1, rounds + 1)}
+    return streaks
 
 
 def vqa_pairs(items: Sequence[EvalItem]) -> list[tuple[EvalItem, str, str]]:
@@ -266,6 +272,9 @@ class Evaluation:
     metrics: dict[str, float]  # name, name_n, name_lo, name_hi for every proportion
     examples: dict[str, list[np.ndarray]]  # "geneval_<category>" / "edit_round_<r>" -> images
     tags: dict[str, str] = field(default_factory=dict)  # for MLflow: the precision it ran in
+    # One row per judgement, to see where the model fails: prompt, category, passed, and
+    # the image drawn (generation; edit rounds, passed while the chain holds) or the answer.
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def evaluate_all(
@@ -280,14 +289,24 @@ def evaluate_all(
     images = generate_images([i.scene["caption"] for i in gen_items])
     generation = score_generation(gen_items, images)
     metrics = generation.metrics()
+    samples = [{"prompt": item.scene["caption"], "category": category, "passed": ok, "image": image}
+               for item, checks, image in zip(gen_items, generation.per_scene, images)
+               for category, ok in checks.items()]  # fmt: skip
     examples = {f"geneval_{c}": v for c, v in category_examples(generation, images).items()}
     pairs = vqa_pairs(items)
     answers = answer([p[0] for p in pairs], [p[1] for p in pairs])
     metrics.update(score_vqa(answers, [p[2] for p in pairs]).metrics("vqa_accuracy"))
+    samples += [{"prompt": question, "category": "vqa", "expected": truth, "answer": answer,
+                 "passed": normalise_answer(answer) == normalise_answer(truth)}
+                for (_, question, truth), answer in zip(pairs, answers)]  # fmt: skip
     if edit_chains is not None:
         chains = edit_chains(list(items))
         for k, p in score_edit_chains(items, chains).items():
             metrics.update(p.metrics(f"edit_success_{k}"))
         for r in range(len(chains[0]) if chains else 0):
             examples[f"edit_round_{r + 1}"] = [chain[r] for chain in chains[:EXAMPLES_PER_CATEGORY]]
-    return Evaluation(metrics, examples)
+        samples += [{"prompt": edit["instruction"], "category": f"edit_round_{r + 1}", "passed": streak > r,
+                     "image": image}
+                    for item, chain, streak in zip(items, chains, edit_streaks(items, chains))
+                    for r, (edit, image) in enumerate(zip(item.scene["edits"], chain))]  # fmt: skip
+    return Evaluation(metrics, examples, samples=samples)

@@ -1,6 +1,7 @@
 """Evaluation results for people and for MLflow: a table with each figure's n and 95%
-interval, the same rows as an MLflow table, and one example grid per GenEval category
-and edit round."""
+interval, the same rows as an MLflow table, one example grid per GenEval category and edit
+round, and every judgement as an MLflow table (prompt, category, passed, the image drawn
+or the answer given) to see where the model fails."""
 
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ def example_grids(evaluation: Evaluation) -> dict[str, np.ndarray]:
 
 
 def log_evaluation(evaluation: Evaluation, log_metrics: bool = True) -> None:
-    """Into the active MLflow run: the metrics (unless the caller logs them), the table
-    `eval/scores.json` and `eval/examples/<name>.png`."""
+    """Into the active MLflow run: the metrics (unless the caller logs them), the tables
+    `eval/scores.json`, `eval/samples.json` (prompt, category, passed, image: generation and
+    edit rounds) and `eval/answers.json` (VQA), and `eval/examples/<name>.png`."""
     import mlflow
+    from PIL import Image
 
     if log_metrics:
         mlflow.log_metrics(evaluation.metrics)
@@ -53,5 +56,14 @@ def log_evaluation(evaluation: Evaluation, log_metrics: bool = True) -> None:
     table = rows(evaluation.metrics)
     mlflow.log_table({key: [r[key] for r in table] for key in ("metric", "value", "n", "lo", "hi")},
                      artifact_file="eval/scores.json")  # fmt: skip
+    drawn = [s for s in evaluation.samples if "image" in s]
+    if drawn:
+        mlflow.log_table({"prompt": [s["prompt"] for s in drawn], "category": [s["category"] for s in drawn],
+                          "passed": [s["passed"] for s in drawn],
+                          "image": [Image.fromarray(s["image"]) for s in drawn]}, artifact_file="eval/samples.json")  # fmt: skip
+    answered = [s for s in evaluation.samples if "answer" in s]
+    if answered:
+        mlflow.log_table({key: [s[key] for s in answered] for key in ("prompt", "expected", "answer", "passed")},
+                         artifact_file="eval/answers.json")  # fmt: skip
     for name, grid in example_grids(evaluation).items():
         mlflow.log_image(grid, f"eval/examples/{name}.png")

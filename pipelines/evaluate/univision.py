@@ -14,12 +14,14 @@ import numpy as np
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import scene_objects
 from uniloom.pipelines.evaluate.benchmark import (
+    GENERATION_KINDS,
     EvalItem,
     Evaluation,
     evaluate_all,
     held_out,
     proportion,
     score_generation,
+    vqa_pairs,
 )
 from uniloom.pipelines.evaluate.config import EvalConfig
 
@@ -110,9 +112,9 @@ def inference_precision(bundle: Bundle, e: EvalConfig) -> Iterator[dict[str, str
         yield tags("eval", e.precision, device)
 
 
-def model_callables(bundle: Bundle, e: EvalConfig):
+def model_callables(bundle: Bundle, e: EvalConfig, advance: Callable[[int], None] = lambda n: None):
     """(generate_images, answer, edit_chains) for benchmark.evaluate_all, sampling as `e`
-    says (None settings: the model's own)."""
+    says (None settings: the model's own); `advance(n)` after each batch of n samples."""
     import torch
 
     from uniloom.models.generation import edit, generate, generate_text
@@ -136,6 +138,7 @@ def model_callables(bundle: Bundle, e: EvalConfig):
         for chunk in _batches(captions, e.batch):
             turn = generate(bundle.model, bundle.tokenizer, [bundle.encode(c) for c in chunk], **sampling)
             out.extend(to_uint8(turn.images))
+            advance(len(chunk))
         return out
 
     @torch.no_grad()
@@ -147,6 +150,7 @@ def model_callables(bundle: Bundle, e: EvalConfig):
                                  images=images, max_new_tokens=8, temperature=e.text_temperature,
                                  generator=gen, all_done=bundle.all_done)  # fmt: skip
             out.extend(bundle.decode(ids) for ids in turn.ids)
+            advance(len(chunk))
         return out
 
     @torch.no_grad()
@@ -167,6 +171,7 @@ def model_callables(bundle: Bundle, e: EvalConfig):
                 state = turn.state
                 rounds.append(to_uint8(turn.images))
             out.extend([list(images) for images in zip(*rounds, strict=True)])
+            advance(len(chunk))
         return out
 
     return generate_images, answer, edit_chains
@@ -233,19 +238,37 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
             "geneval_teacher_forced": scores.overall, "geneval_teacher_forced_n": float(len(items))}  # fmt: skip
 
 
-def evaluate_items(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> Evaluation:
-    """Generation, VQA and editing scores of `items` in `eval.precision`."""
+def evaluate_items(
+    bundle: Bundle, e: EvalConfig, items: list[EvalItem], progress: Callable[[int, int], None] | None = None
+) -> Evaluation:
+    """Generation, VQA and editing scores of `items` in `eval.precision`; `progress(done,
+    total)` after each batch (samples: images drawn, questions answered, edit chains)."""
+    total = sum(i.scene["kind"] in GENERATION_KINDS for i in items) + len(vqa_pairs(items)) + len(items)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     with inference_precision(bundle, e) as tags:
-        evaluation = evaluate_all(items, *model_callables(bundle, e))
+        evaluation = evaluate_all(items, *model_callables(bundle, e, advance))
     evaluation.tags = tags
     return evaluation
 
 
-def evaluate_bundle(bundle: Bundle, e: EvalConfig, corpus_seed: int, max_objects: int = 4) -> Evaluation:
+def evaluate_bundle(
+    bundle: Bundle,
+    e: EvalConfig,
+    corpus_seed: int,
+    max_objects: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
     """Every score on the test split (`e.scenes` scenes), the carried MingTok's
     reconstruction included, with example images per category and edit round."""
     items = held_out(corpus_seed, e.scenes, max_objects, split="test")
-    evaluation = evaluate_items(bundle, e, items)
+    evaluation = evaluate_items(bundle, e, items, progress)
     with inference_precision(bundle, e):
         evaluation.metrics.update(tokenizer_reconstruction(bundle.tokenizer, items, e.batch))
         evaluation.metrics.update(teacher_forced(bundle, e, items))

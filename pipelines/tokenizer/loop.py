@@ -15,39 +15,11 @@ import numpy as np
 import torch
 
 from uniloom.models.mingtok import MingTok
-from uniloom.pipelines import device, precision
+from uniloom.pipelines import device, precision, progress
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.tokenizer.evaluate import grid_image, psnr, reconstruct_all, ssim
 from uniloom.pipelines.tokenizer.step import MIMTraining
-
-
-class Tracker:
-    """MLflow logging from rank 0 into the run the driver opened (by id, no global state)."""
-
-    def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri) if run_id else None
-        self.run_id = run_id
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
-        )
-
-    def image(self, image, name: str) -> None:
-        if self.client is not None:
-            self.client.log_image(self.run_id, image, artifact_file=name)
-
-    def tags(self, values: dict[str, str]) -> None:
-        if self.client is not None:
-            for key, value in values.items():
-                self.client.set_tag(self.run_id, key, value)
+from uniloom.pipelines.tracking import RunLogger
 
 
 def evaluate_during_training(model: MingTok, images: np.ndarray) -> tuple[dict[str, float], Any]:
@@ -158,14 +130,14 @@ def train_loop(config: dict[str, Any]) -> None:
     training.generator.manual_seed(t.seed * 1000 + rank + start_step)  # each worker masks differently
     if world > 1:
         training.wrapped = ray.train.torch.prepare_model(training.module)
-    tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"] if rank == 0 else "")
+    tracker = RunLogger(config["mlflow_uri"], config["mlflow_run_id"], active=rank == 0)
     tracker.tags(precision.tags("tokenizer", t.precision, training.device))
     eval_images = np.asarray(config["eval_images"], dtype=np.uint8)
     budget = Budget(t.steps, t.max_minutes)
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, t.batch_size // world, t.seed + start_step + rank)
     clock = Clock(t.budget_clock, t.threads, state)
-    step = start_step
+    step, started = start_step, time.perf_counter()
     while True:
         elapsed, done = _agree(clock(), step >= t.steps, world)
         if done or budget.cut(step, elapsed):
@@ -175,7 +147,8 @@ def train_loop(config: dict[str, Any]) -> None:
         step += 1
         last = step >= t.steps  # the safety cap ends at the check above, then the tail below runs
         if rank == 0 and (step % t.log_interval == 0 or last):
-            _log(tracker, values, step, t.steps, clock())
+            images_per_s = (step - start_step) * t.batch_size / (time.perf_counter() - started)
+            _log(tracker, values, step, t.steps, clock(), images_per_s)
         if rank == 0 and (step % t.eval_interval == 0 or last):
             _evaluate(tracker, training.model, eval_images, step)
         if step % t.checkpoint_interval == 0 or last:
@@ -190,17 +163,18 @@ def train_loop(config: dict[str, Any]) -> None:
         _report(state, values["loss/total"], rank, training)
     elif step == start_step:  # nothing left to do (the run had finished): say where it stands
         ray.train.report({**state, "start_step": start_step})
+    tracker.close()
 
 
-def _log(tracker: Tracker, values: dict, step: int, steps: int, elapsed: float) -> None:
-    tracker.metrics({**values, "elapsed_s": elapsed}, step)
-    line = (
-        f"step {step}/{steps} loss {values['loss/total']:.4f} pixel {values['loss/pixel']:.4f} {elapsed:.0f}s"
-    )
-    print(f"[tokenizer] {line}", file=sys.stderr, flush=True)
+def _log(
+    tracker: RunLogger, values: dict, step: int, steps: int, elapsed: float, images_per_s: float
+) -> None:
+    tracker.metrics({**values, "elapsed_s": elapsed, "images_per_s": images_per_s}, step)
+    progress.report("tokenizer", step, steps, "steps", {"loss": f"{values['loss/total']:.4f}",
+                    "pixel": f"{values['loss/pixel']:.4f}", "images/s": f"{images_per_s:.1f}"})  # fmt: skip
 
 
-def _evaluate(tracker: Tracker, model: MingTok, eval_images: np.ndarray, step: int) -> None:
+def _evaluate(tracker: RunLogger, model: MingTok, eval_images: np.ndarray, step: int) -> None:
     if not len(eval_images):
         return
     metrics, grid = evaluate_during_training(model, eval_images)

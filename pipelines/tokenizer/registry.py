@@ -18,10 +18,10 @@ class MingTokPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = load_mingtok(context.artifacts["weights"]).to(local_device())  # the server's GPU if any
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import torch
 
-        if isinstance(model_input, dict):  # a named tensor signature hands in {"images": array}
+        if isinstance(model_input, dict):  # a request naming its tensor: {"images": array}
             model_input = model_input["images"]
         from uniloom.pipelines.device import device_of
         from uniloom.pipelines.tokenizer.data import to_unit
@@ -33,7 +33,9 @@ class MingTokPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim: int, register: bool):
-    """Log the pyfunc into the active run; register it when `register`. Returns the model info."""
+    """Log the pyfunc into the active run; register it when `register`. Returns the model
+    info. MLflow checks that the logged model loads and encodes its input example (one
+    mid-grey image) before the run goes on."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -45,9 +47,10 @@ def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim
     )
     return mlflow.pyfunc.log_model(
         name="mingtok",
-        python_model=MingTokPyfunc(),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
         artifacts={"weights": str(weights)},
         signature=signature,
+        input_example={"images": np.full((1, image_size, image_size, 3), 128, np.uint8)},
         pip_requirements=pinned_requirements("torch", "numpy", "safetensors", "mlflow", "uniloom"),
         registered_model_name=REGISTERED_NAME if register else None,
     )

@@ -76,7 +76,8 @@ class MIMTraining:
         self.teachers.to(where)
         self.device = device.device_of(self.module)
         self.precision = precision.resolve(t.precision, self.device)  # auto: bf16 on CUDA, measured on a CPU
-        self.text = torch.as_tensor(np.asarray(text_table, dtype=np.float32), device=self.device)  # (U, E)
+        # a copy: the table arrives read-only from Ray's object store, which torch warns about
+        self.text = torch.tensor(np.asarray(text_table, dtype=np.float32), device=self.device)  # (U, E)
         self.wrapped: nn.Module = self.module  # DDP goes here when there are several workers
         decay = [p for p in self.module.parameters() if p.ndim >= 2]
         rest = [p for p in self.module.parameters() if p.ndim < 2]

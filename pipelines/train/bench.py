@@ -199,8 +199,9 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
 
     from uniloom.pipelines import device
+    from uniloom.pipelines.tracking import RunLogger
     from uniloom.pipelines.train.loop import StageRun, worker_setup
-    from uniloom.pipelines.train.metrics import RunLogger, Window
+    from uniloom.pipelines.train.metrics import Window
     from uniloom.pipelines.train.recipe import Resume
 
     cfg, ctx = worker_setup(job)

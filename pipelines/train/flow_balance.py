@@ -16,8 +16,12 @@ ran the row, which the data-parallel all-reduce sums anyway. Each row's loss is 
 
 Applied from outside the model, as expert parallelism is: the flow head's class is
 swapped for a subclass (as torch's fully_shard does), so parameter names do not change.
-Every rank must call the head's loss at every step, also with no targets of its own
-(UniVision.loss does).
+Every rank must call the head's loss at every step, also with no targets of its own, and
+put what it returns into the loss it backpropagates, also when that is empty (UniVision.loss
+does): such a rank may have run other ranks' rows, whose gradients go back through the
+exchanges' backward, which every rank must then make in the same order. A rank that left
+an empty result out of its graph went on to the experts' all-to-all backward while the
+others waited for it in this exchange's (the small preset's hang at sft step 1,475).
 """
 
 from __future__ import annotations

@@ -29,17 +29,19 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from uniloom.models.moe import MoE
-from uniloom.pipelines import device, precision
+from uniloom.pipelines import device, precision, progress
 from uniloom.pipelines.config import UniloomConfig, build
+from uniloom.pipelines.tracking import RunLogger
 from uniloom.pipelines.train import checkpoint as ckpt
 from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flops, flow_balance, shm_comm
 from uniloom.pipelines.train.config import StageConfig
 from uniloom.pipelines.train.data import Position, Stream, TaskSampler
-from uniloom.pipelines.train.metrics import RATES, RunLogger, Window
+from uniloom.pipelines.train.metrics import RATES, Window, expert_histogram
 from uniloom.pipelines.train.module import Trainee
 from uniloom.pipelines.train.recipe import Resume, global_step
 
@@ -296,8 +298,11 @@ class StageRun:
         self.last_rates = {k: values[k] for k in RATES}
         self.losses.append([self.global_step, self.name, round(values["loss"], 5)])
         logger.metrics(values, self.global_step)
-        _say(self.rank, f"{self.name} step {self.step}/{self.stage.steps} loss {values['loss']:.4f} "
-                        f"tokens/s/worker {values['tokens_per_s_per_worker']:.0f} lr {values['lr']:.2e}")  # fmt: skip
+        if self.rank == 0:  # the whole recipe's steps: one bar for the train stage
+            total = sum(s.steps for s in self.t.stages.values())
+            progress.report("train", self.global_step, total, "steps", {
+                "loss": f"{values['loss']:.4f}", "tokens/s": f"{values['tokens_per_s']:.0f}",
+                "lr": f"{values['lr']:.2e}", "stage": f"{self.name} {self.step}/{self.stage.steps}"})  # fmt: skip
 
     def evaluate(self, logger: RunLogger) -> None:
         """Sample images from the eval prompts with the EMA weights where there are (every
@@ -314,16 +319,19 @@ class StageRun:
             with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
                 out = generate(module.model, module.tokenizer, self.job["eval_prompt_ids"], generator=g)
             module.train()
-            logger.images(to_uint8(out.images), tag)
+            logger.image(np.concatenate(list(to_uint8(out.images)), axis=1), f"samples/{tag}.png")
         if getattr(self, "last_load", None) is not None:
-            logger.expert_histogram(self.last_load, tag)
+            expert_histogram(logger, self.last_load, tag)
         if self.t.curve_scenes:
-            self.curve(logger)
+            self.curve(logger, tag)
 
-    def curve(self, logger: RunLogger) -> None:
+    def curve(self, logger: RunLogger, tag: str) -> None:
         """The learning curve's point: GenEval, VQA and edit success of the EMA weights on
-        validation-split scenes (never the test split), every rank in lock step."""
+        validation-split scenes (never the test split), every rank in lock step; and the
+        example grids of each GenEval category and edit round, so the samples of each
+        recipe stage show where it fails."""
         from uniloom.pipelines.evaluate.benchmark import held_out
+        from uniloom.pipelines.evaluate.report import example_grids
         from uniloom.pipelines.evaluate.univision import Bundle, evaluate_items
         from uniloom.pipelines.train.trainer import text_tokenizer
 
@@ -334,10 +342,13 @@ class StageRun:
         start = time.time()
         module.eval()
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
-            metrics = evaluate_items(bundle, cfg.eval, items).metrics
+            evaluation = evaluate_items(bundle, cfg.eval, items)
         module.train()
+        metrics = evaluation.metrics
         curve = {f"curve/{k}": v for k, v in metrics.items() if not k.endswith(("_n", "_lo", "_hi"))}
         logger.metrics(curve, self.global_step)
+        for name, grid in example_grids(evaluation).items():
+            logger.image(grid, f"samples/{tag}/{name}.png")
         shown = ("geneval_overall", "vqa_accuracy", "edit_success_1", "edit_success_3")
         _say(self.rank, f"{self.name} step {self.step} validation ({len(items)} scenes, {time.time() - start:.0f}s): "
                         + " ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))  # fmt: skip

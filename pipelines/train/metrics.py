@@ -1,4 +1,5 @@
-"""What a training run measures, and its MLflow side (rank 0 only).
+"""What a training run measures, and its MLflow side (rank 0 only, through
+pipelines/tracking.py's RunLogger).
 
 Every rank accumulates a window of steps (`Window`); at a log step the windows are summed
 over ranks with one all-reduce, and rank 0 logs: loss (total, text, flow, aux, anchor), loss per
@@ -14,7 +15,6 @@ and every stage re-attaches to that id.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from uniloom.pipelines.tracking import RunLogger
 from uniloom.pipelines.train.config import TASK_KINDS
 
 RUN_FILE = "mlflow_run.json"
@@ -112,63 +113,19 @@ class Window:
         return out
 
 
-class RunLogger:
-    """Rank 0's handle on the run's MLflow run (a no-op on other ranks). Logging goes
-    through a RunLog: a tracking server that fails mid-run costs metrics, never training;
-    `close` reports what was lost."""
+def expert_histogram(logger: RunLogger, load: torch.Tensor, tag: str) -> None:
+    """Per-layer expert loads as JSON and as a heat map (layers x experts)."""
+    if not logger.active or load.numel() == 0:
+        return
+    from PIL import Image
 
-    def __init__(self, tracking_uri: str, run_id: str, active: bool):
-        from uniloom.pipelines.tracking import RunLog
-
-        self.active = active and bool(run_id)
-        self.run = None
-        self.log = RunLog(tracking_uri)
-        if self.active:
-            import mlflow
-
-            from uniloom.pipelines.tracking import use_tracking_uri
-
-            use_tracking_uri(tracking_uri)
-            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-
-    def metrics(self, values: dict[str, Any], step: int) -> None:
-        if self.active:
-            import mlflow
-
-            values = {k: float(v) for k, v in values.items() if not k.startswith("_")}
-            self.log(f"metrics at step {step}", mlflow.log_metrics, values, step=step)
-
-    def expert_histogram(self, load: torch.Tensor, tag: str) -> None:
-        """Per-layer expert loads as JSON and as a heat map (layers x experts)."""
-        if not self.active or load.numel() == 0:
-            return
-        import mlflow
-        from PIL import Image
-
-        frac = load / load.sum(1, keepdim=True).clamp_min(1)
-        self.log(
-            f"expert_load/{tag}.json", mlflow.log_dict, {"layers": frac.tolist()}, f"expert_load/{tag}.json"
-        )
-        pixels = (255 * frac / frac.max().clamp_min(1e-9)).byte().numpy()
-        image = Image.fromarray(pixels, mode="L").resize(
-            (pixels.shape[1] * 16, pixels.shape[0] * 16), Image.NEAREST
-        )
-        self.log(f"expert_load/{tag}.png", mlflow.log_image, image, f"expert_load/{tag}.png")
-
-    def images(self, images: np.ndarray, tag: str) -> None:
-        """(B, H, W, 3) uint8 samples side by side."""
-        if self.active and len(images):
-            import mlflow
-            from PIL import Image
-
-            grid = Image.fromarray(np.concatenate(list(images), axis=1))
-            self.log(f"samples/{tag}.png", mlflow.log_image, grid, f"samples/{tag}.png")
-
-    def close(self) -> None:
-        if self.active:
-            self.log.end()
-            if lost := self.log.report():
-                print(f"warning: {lost}", file=sys.stderr, flush=True)
+    frac = load / load.sum(1, keepdim=True).clamp_min(1)
+    logger.dict({"layers": frac.tolist()}, f"expert_load/{tag}.json")
+    pixels = (255 * frac / frac.max().clamp_min(1e-9)).byte().numpy()
+    image = Image.fromarray(pixels, mode="L").resize(
+        (pixels.shape[1] * 16, pixels.shape[0] * 16), Image.NEAREST
+    )
+    logger.image(image, f"expert_load/{tag}.png")
 
 
 def resolve_run(fs, run_dir: str, create) -> str:

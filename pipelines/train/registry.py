@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train.trainer import REGISTERED_NAME
@@ -109,8 +110,9 @@ class UniVisionPyfunc(mlflow.pyfunc.PythonModel):
         if self.text is None:  # a version logged before exports carried their tokenizer
             self.text = Tokenizer.from_file(context.artifacts["text_tokenizer"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
 
         from uniloom.models.generation import generate, generate_text
         from uniloom.pipelines.device import device_of, generator
@@ -163,9 +165,55 @@ def _encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
+INPUT_EXAMPLE = pd.DataFrame({"prompt": ["a red circle left of a blue square"], "task": ["generate"]})
+
+
+def shards_lineage(uri: str, storage_options: dict[str, Any]) -> tuple[str, dict[str, int]]:
+    """The shards' fingerprint (a hash of the per-shard fingerprints in their manifest: each
+    covers the shard's input, the data config, both tokenizers and the code that made its
+    rows) and their counts: shards, rows read, written, filtered and quarantined."""
+    import hashlib
+
+    from uniloom.pipelines.data.manifest import Manifest
+
+    entries = Manifest.load(uri, storage_options).shards
+    blob = json.dumps({sid: entry["fingerprint"] for sid, entry in entries.items()}, sort_keys=True)
+    rows = [entry.get("rows", {}) for entry in entries.values()]
+    counts = {"shards": len(entries)}
+    for key in ("read", "written", "quarantined"):
+        counts[f"rows_{key}"] = sum(r.get(key, 0) for r in rows)
+    counts["rows_filtered"] = sum(sum(r.get("filtered", {}).values()) for r in rows)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], counts
+
+
+def record_lineage(job: dict[str, Any], storage_options: dict[str, Any], version: str | None) -> None:
+    """What the run trained on: its shards as the run's MLflow dataset (fingerprint and row
+    counts), and, on the run and on its registered `version`, the data fingerprint and
+    the image tokenizer (its registered version where the caller knows it, as `uniloom
+    run` does) and text tokenizer it used."""
+    from uniloom.pipelines.tracking import describe_version, log_dataset, mlflow_client
+
+    fingerprint, counts = shards_lineage(job["shards_uri"], storage_options)
+    log_dataset(job["mlflow_run_id"], "uniloom-shards", job["shards_uri"], fingerprint, counts)
+    tags = {
+        "data.fingerprint": fingerprint,
+        "data.rows": str(counts["rows_written"]),
+        "image_tokenizer": job["image_tokenizer"],
+        "text_tokenizer": job["text_tokenizer"],
+    }
+    if job.get("tokenizer_version"):
+        tags["tokenizer.version"] = str(job["tokenizer_version"])
+    client = mlflow_client()
+    for key, value in tags.items():
+        client.set_tag(job["mlflow_run_id"], f"uniloom.{key}", value)
+    if version is not None:
+        describe_version(REGISTERED_NAME, version, tags)
+
+
 def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, Any]):
     """Log the pyfunc into the training run; register it when `train.register`. Its one
-    artifact is the export, text tokenizer included."""
+    artifact is the export, text tokenizer included. MLflow checks that the logged model
+    loads and answers its input example before the run goes on."""
     import mlflow
 
     from uniloom.pipelines.tracking import pinned_requirements
@@ -178,6 +226,7 @@ def log_and_register(cfg, weights: Path, job: dict[str, Any], meta: dict[str, An
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
             artifacts={"weights": str(weights)},
             signature=signature(),
+            input_example=INPUT_EXAMPLE,
             pip_requirements=pinned_requirements(
                 "torch", "numpy", "safetensors", "tokenizers", "mlflow", "uniloom"
             ),

@@ -18,14 +18,21 @@ afterwards is:
     wait until every peer has read my outbox of the previous call  (counter CONSUMED)
     copy my data into my outbox; bump ARRIVED                       (grow the outbox first
                                                                      when it is too small)
-    for each peer: wait for its ARRIVED, copy my part out of its outbox
+    for each peer: wait for its ARRIVED, check that it called the same collective,
+                   copy my part out of its outbox
     bump CONSUMED
 
 A waiting rank spins briefly, then yields its core (sched_yield) so that other work on
 the machine (Ray Data's readers) runs meanwhile, and after SLEEP_AFTER_S sleeps between
 polls (a long wait: another rank is checkpointing or evaluating). It checks every second
 that its peers' processes are alive: a dead peer raises an error where gloo would have
-raised one (Ray Train then restarts the group), never a silent hang. Files are unlinked
+raised one (Ray Train then restarts the group), never a silent hang; so does a peer
+that waits for this rank in another channel of this process (the ranks issued their
+collectives in different orders: each would wait for the other forever), and a peer
+that does not come within timeout_s; each error names the collective, its sequence
+number, the channel and every rank's counters. A rank that arrives at a different
+collective (another kind, an all-reduce of another size, an all-to-all whose splits
+disagree with this rank's) is an error too, instead of wrong bits. Files are unlinked
 as soon as every peer has mapped them: a killed process leaves nothing in /dev/shm
 (except an outbox it grew in its very last collective).
 """
@@ -38,6 +45,7 @@ import os
 import platform
 import secrets
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +56,10 @@ from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.process import alive
 
 SHM_DIR = Path("/dev/shm")
-ARRIVED, REDUCED, CONSUMED, GEN, CAPACITY, PID, NONCE = range(7)
-HEADER = 8  # int64 columns before the R outbox offsets
+ARRIVED, REDUCED, CONSUMED, GEN, CAPACITY, PID, NONCE, OP, SIZE = range(9)
+HEADER = 9  # int64 columns before the R + 1 outbox offsets
+COUNTERS = {ARRIVED: "ARRIVED", REDUCED: "REDUCED", CONSUMED: "CONSUMED"}
+OPS = ("all_to_all_single", "all_reduce_")  # column OP holds 1 + the index of the call
 SPIN = 200  # busy polls before a waiting rank starts yielding its core
 SLEEP_AFTER_S, SLEEP_S = 0.02, 0.0005  # then, after this long, it sleeps this long per poll
 LIVENESS_S = 1.0  # how often a waiting rank checks that its peers still exist
@@ -82,12 +92,13 @@ class ShmChannel:
         self.R, self.me = dist.get_world_size(group), dist.get_rank(group)
         self.peers = [j for j in range(self.R) if j != self.me]
         self.ctrl = np.frombuffer(ctrl.mm, dtype=np.int64).reshape(self.R, -1)  # (R, stride); keeps the map
-        self.seq = 0
+        self.seq, self.op = 0, ""  # the last collective called on this channel
         self.outbox: list[_Mapped | None] = [None] * self.R  # mine and the peers' mapped outboxes
         self.gens = [-1] * self.R
         self._unlink_after: tuple[int, Path] | None = None  # (seq, path) of a grown outbox
         self._grow(initial_bytes, publish=True)
         self.ctrl[self.me, PID] = os.getpid()
+        _OPEN.add(self)
 
     # -- setup -------------------------------------------------------------------------
 
@@ -97,7 +108,7 @@ class ShmChannel:
         R, me = dist.get_world_size(group), dist.get_rank(group)
         if R < 2:
             return None
-        stride = -(-(HEADER + R) // 8) * 8  # a rank's counters fill whole cache lines
+        stride = -(-(HEADER + R + 1) // 8) * 8  # a rank's counters fill whole cache lines
         info = [None]
         if me == 0 and _supported():
             name = f"uniloom-shm-{os.getpid()}-{secrets.token_hex(6)}"
@@ -149,7 +160,7 @@ class ShmChannel:
         self.ctrl[self.me, CAPACITY] = capacity
         self.ctrl[self.me, GEN] = gen
         if not publish:  # peers map it during this call; unlink it once they have all read
-            self._unlink_after = (self.seq + 1, path)
+            self._unlink_after = (self.seq, path)
 
     def _map_peer(self, j: int) -> None:
         gen = int(self.ctrl[j, GEN])
@@ -159,6 +170,7 @@ class ShmChannel:
     def close(self) -> None:
         self.outbox = [None] * self.R
         self.ctrl = None
+        _OPEN.discard(self)
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -181,25 +193,73 @@ class ShmChannel:
                 os.sched_yield()
             if now > check:
                 check = now + LIVENESS_S
-                for j in peers:
-                    if ctrl[j, col] < value and not alive(int(ctrl[j, PID])):
-                        raise UniloomError(
-                            f"shared-memory collective: rank {j} of the group (pid {int(ctrl[j, PID])}) exited"
-                        )
+                late = [j for j in peers if ctrl[j, col] < value]
+                for j in late:
+                    if not alive(int(ctrl[j, PID])):
+                        self._fail(f"rank {j} of the group (pid {int(ctrl[j, PID])}) exited")
+                    self._check_order(j, col, value)
                 if now > deadline:
-                    raise UniloomError(
-                        f"shared-memory collective: peers did not arrive in {self.timeout_s:.0f} s"
+                    self._fail(
+                        f"ranks {late} did not bring {COUNTERS[col]} to #{value} in {self.timeout_s:.0f} s"
                     )
 
-    def _begin(self, nbytes: int) -> torch.Tensor:
-        """Wait until my outbox is free, grow it if needed; its first nbytes."""
-        self._wait(CONSUMED, self.seq)
-        if self._unlink_after is not None and self._unlink_after[0] <= self.seq:
+    def _check_order(self, j: int, col: int, value: int) -> None:
+        """Fail when peer j, which has not brought counter `col` to `value` here, has
+        started a collective in another channel of this process that this rank has not: j
+        waits there for this rank, which waits here for j. A process calls its collectives
+        from one thread (the training loop's), so this rank cannot get there before this
+        wait ends: the ranks called them in different orders."""
+        pid = int(self.ctrl[j, PID])
+        for other in list(_OPEN):
+            rows = [k for k in other.peers if int(other.ctrl[k, PID]) == pid] if other is not self else []
+            # There first, then here again: j may have done its part here and gone on since
+            # the caller looked (x86-64 loads are not reordered, so j's stores here, made
+            # before it arrived there, are seen).
+            if rows and other.ctrl[rows[0], ARRIVED] > other.seq and self.ctrl[j, col] < value:
+                k = rows[0]
+                self._fail(
+                    f"rank {j} (pid {pid}) waits for this rank in {OPS[int(other.ctrl[k, OP]) - 1]} "
+                    f"#{int(other.ctrl[k, ARRIVED])} on channel {other.name}, where this rank's last was "
+                    f"{other.op or 'none'} #{other.seq}: the ranks call their collectives in different orders"
+                )
+
+    def _check_peer(self, j: int) -> None:
+        """Peer j, arrived at this collective, called the same one (and an all-reduce of
+        the same size)."""
+        op, size = int(self.ctrl[j, OP]), int(self.ctrl[j, SIZE])
+        if OPS[op - 1] != self.op or (self.op == "all_reduce_" and size != self.ctrl[self.me, SIZE]):
+            self._fail(
+                f"rank {j} called {OPS[op - 1]} of {size} bytes where this rank called {self.op} of "
+                f"{int(self.ctrl[self.me, SIZE])} bytes: the ranks call their collectives in different orders"
+            )
+
+    def _fail(self, reason: str) -> None:
+        """Raise, naming this collective and every rank's counters; the channel is closed
+        (a peer may be halfway through the collective)."""
+        ctrl, me = self.ctrl, self.me
+        state = "; ".join(
+            f"rank {j}{' (this one)' if j == me else ''} pid {int(ctrl[j, PID])} last arrived at "
+            f"{OPS[int(ctrl[j, OP]) - 1] if ctrl[j, OP] else 'none'} #{int(ctrl[j, ARRIVED])}, "
+            f"reduced #{int(ctrl[j, REDUCED])}, consumed #{int(ctrl[j, CONSUMED])}"
+            for j in range(self.R)
+        )
+        where = f"shared-memory {self.op} #{self.seq} on channel {self.name}, rank {me} of {self.R}"
+        self.close()
+        raise UniloomError(f"{where}: {reason} ({state})")
+
+    def _begin(self, op: str, nbytes: int) -> torch.Tensor:
+        """Start collective `op`: wait until my outbox is free, grow it if needed; its
+        first nbytes."""
+        if self.ctrl is None:
+            raise UniloomError(f"shared-memory channel {self.name} is closed (a collective on it failed)")
+        self.op, self.seq = op, self.seq + 1
+        self._wait(CONSUMED, self.seq - 1)
+        if self._unlink_after is not None and self._unlink_after[0] < self.seq:
             self._unlink_after[1].unlink(missing_ok=True)
             self._unlink_after = None
         if nbytes > int(self.ctrl[self.me, CAPACITY]):
             self._grow(nbytes)
-        self.seq += 1
+        self.ctrl[self.me, OP], self.ctrl[self.me, SIZE] = OPS.index(op) + 1, nbytes
         return self.outbox[self.me].u8[:nbytes]
 
     def _peer_bytes(self, j: int) -> torch.Tensor:
@@ -214,21 +274,26 @@ class ShmChannel:
         """dist.all_to_all_single(out, x, out_splits, in_splits) on contiguous tensors:
         rows in_splits[j] of x go to rank j; out receives out_splits[j] rows from rank j."""
         row = math.prod(x.shape[1:]) * x.element_size()  # bytes
-        box = self._begin(x.numel() * x.element_size())
+        box = self._begin("all_to_all_single", x.numel() * x.element_size())
         box.copy_(x.reshape(-1).view(torch.uint8))
-        offsets = np.cumsum([0, *in_splits[:-1]]) * row
-        self.ctrl[self.me, HEADER : HEADER + self.R] = offsets
+        bounds = np.cumsum([0, *in_splits]) * row  # bytes bounds[r]:bounds[r + 1] go to rank r
+        self.ctrl[self.me, HEADER : HEADER + self.R + 1] = bounds
         self.ctrl[self.me, ARRIVED] = self.seq
         out_bytes = out.reshape(-1).view(torch.uint8)
         starts = np.cumsum([0, *out_splits[:-1]]) * row
         mine = out_bytes[starts[self.me] : starts[self.me] + out_splits[self.me] * row]
-        mine.copy_(box[offsets[self.me] : offsets[self.me] + in_splits[self.me] * row])
+        mine.copy_(box[bounds[self.me] : bounds[self.me + 1]])
         for k in range(1, self.R):  # start with the next rank: the ranks read different outboxes
             j = (self.me + k) % self.R
             n = out_splits[j] * row
             self._wait(ARRIVED, self.seq, [j])
-            off = int(self.ctrl[j, HEADER + self.me])
-            out_bytes[starts[j] : starts[j] + n].copy_(self._peer_bytes(j)[off : off + n])
+            self._check_peer(j)
+            lo, hi = int(self.ctrl[j, HEADER + self.me]), int(self.ctrl[j, HEADER + self.me + 1])
+            if hi - lo != n:
+                self._fail(
+                    f"rank {j} sends this rank {hi - lo} bytes, {out_splits[j]} rows of {row} bytes expected"
+                )
+            out_bytes[starts[j] : starts[j] + n].copy_(self._peer_bytes(j)[lo:hi])
         self.ctrl[self.me, CONSUMED] = self.seq
 
     def all_reduce_(self, tensors: list[torch.Tensor], scale: float = 1.0) -> None:
@@ -239,10 +304,12 @@ class ShmChannel:
         the same bits."""
         dtype, flats = tensors[0].dtype, [t.view(-1) for t in tensors]
         total = sum(f.numel() for f in flats)
-        box = self._begin(total * tensors[0].element_size()).view(dtype)
+        box = self._begin("all_reduce_", total * tensors[0].element_size()).view(dtype)
         torch.cat(flats, out=box)
         self.ctrl[self.me, ARRIVED] = self.seq
         self._wait(ARRIVED, self.seq)
+        for j in self.peers:
+            self._check_peer(j)
         bounds = [total * j // self.R for j in range(self.R + 1)]  # chunk j: rank j adds it up
         a, b = bounds[self.me], bounds[self.me + 1]
         parts = [self._peer_bytes(j).view(dtype)[a:b] for j in range(self.R)]
@@ -274,6 +341,9 @@ def _all(flag: bool, group) -> bool:
 
 
 _CHANNELS: dict[int, tuple[object, ShmChannel | None]] = {}
+# This process's open channels, whichever way opened: a wait in one checks the others for
+# a peer waiting there for this rank (ShmChannel._check_order). Weak: a dropped channel leaves.
+_OPEN: weakref.WeakSet[ShmChannel] = weakref.WeakSet()
 
 
 def channel(group) -> ShmChannel | None:

@@ -281,9 +281,11 @@ def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
 
 
 def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = None,
-          echo: Callable[[str], None] = print, prefixes: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+          echo: Callable[[str], None] = print, prefixes: dict[str, str] | None = None,
+          tokenizer_version: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Train the requested stages (all: the recipe), export, register; the summary.
-    `prefixes`: the recipe's prefix fingerprints (module docstring), None: none kept."""
+    `prefixes`: the recipe's prefix fingerprints (module docstring), None: none kept.
+    `tokenizer_version`: the MingTok's registered version, recorded as the run's lineage."""
     from uniloom.pipelines.raycluster import init_ray
 
     started = time.perf_counter()
@@ -292,6 +294,7 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
     stages = recipe.select(t, stage)
     cfg, image_fp = effective_config(cfg)
     job = prepare_job(cfg, stages, image_fp)
+    job["tokenizer_version"] = tokenizer_version
     fs, storage = open_fs(storage_uri(cfg), cfg.data.storage_options)
     run_dir = join(storage, run_name(cfg))
     expert_parallel_size(cfg, workers)
@@ -337,7 +340,7 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
     """Export the last checkpoint as one safetensors file; log and register it."""
     from uniloom.pipelines.train.checkpoint import Reader
     from uniloom.pipelines.train.metrics import RATES
-    from uniloom.pipelines.train.registry import export_model, log_and_register
+    from uniloom.pipelines.train.registry import export_model, log_and_register, record_lineage
 
     with result.checkpoint.as_directory() as directory:
         reader = Reader(directory)
@@ -358,6 +361,8 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
         text = text_tokenizer(job["shards_uri"], cfg.data.storage_options)  # embedded: the file stands alone
         out = export_model(reader, export_path(cfg), metadata, text)
     model_info = log_and_register(cfg, out, job, meta)
+    version = getattr(model_info, "registered_model_version", None)
+    record_lineage(job, cfg.data.storage_options, None if version is None else str(version))
     losses = meta["losses"]
     return {
         "run": run_name(cfg),

@@ -21,7 +21,7 @@ from uniloom.pipelines.data.image_tokenizer import Encoder, save_random_weights
 from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.prepare import Prepare
 from uniloom.pipelines.data.source import read_marked
-from uniloom.pipelines.train.metrics import RunLogger
+from uniloom.pipelines.tracking import RunLogger
 
 pytestmark = pytest.mark.integration
 

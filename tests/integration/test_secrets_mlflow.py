@@ -10,8 +10,7 @@ from uniloom.pipelines.commands.data import _log_run
 from uniloom.pipelines.commands.options import emit
 from uniloom.pipelines.commands.run import summarize
 from uniloom.pipelines.config import load_config
-from uniloom.pipelines.tracking import stage_run
-from uniloom.pipelines.train.metrics import RunLogger
+from uniloom.pipelines.tracking import RunLogger, stage_run
 from uniloom.pipelines.workflow import Stage, StageResult, run_workflow
 
 pytestmark = pytest.mark.integration
@@ -49,7 +48,7 @@ def test_credentials_reach_the_server_and_nothing_else(server, tmp_path, capfd, 
         return StageResult(metrics={"rows": 1.0})
 
     try:
-        reports, parent = run_workflow(cfg, [Stage("data", ("data",), stage)], echo=print)
+        reports, parent = run_workflow(cfg, [Stage("data", ("data",), stage)])
         emit(summarize(cfg, reports, parent, 1.0), as_json=True)
         # A Ray Train worker's handle on the run, in a process MLflow's link printing was
         # not already silenced in.

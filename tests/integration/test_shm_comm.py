@@ -1,7 +1,11 @@
 """Shared-memory collectives (pipelines/train/shm_comm.py) in real processes against gloo:
 the same all-to-all bits and all-reduce sums, a fallback every rank agrees on, a dead
 peer detected rather than waited for, and the ZeRO-0 gradient reduction equal to
-DeepSpeed's own."""
+DeepSpeed's own; many collectives under random pauses, collectives called in different
+orders raising instead of hanging, and the flow head's exchanges in the backward of a
+rank without image targets."""
+
+import time
 
 import pytest
 import torch.multiprocessing as mp
@@ -9,6 +13,20 @@ import trainworkers
 from localcluster import free_port
 
 pytestmark = pytest.mark.integration
+
+
+def spawn_within(fn, world: int, timeout_s: float, *args) -> None:
+    """mp.spawn of `world` workers that fails instead of hanging: after timeout_s the
+    workers are killed and the test fails."""
+    ctx = mp.start_processes(
+        fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} still running after {timeout_s:.0f} s: the ranks hang")
 
 
 def test_shm_all_to_all_and_all_reduce_match_gloo_on_three_ranks():
@@ -32,3 +50,15 @@ def test_shm_gradient_reduction_equals_deepspeeds(tmp_path):
 
 def test_the_flow_head_balanced_across_ranks_gives_the_unbalanced_losses_and_gradients():
     mp.spawn(trainworkers.flow_balance, args=(4, free_port()), nprocs=4)
+
+
+def test_many_small_collectives_under_random_pauses_on_two_channels():
+    spawn_within(trainworkers.shm_stress, 2, 300)
+
+
+def test_collectives_called_in_different_orders_raise_instead_of_hanging():
+    spawn_within(trainworkers.shm_misuse, 2, 300)
+
+
+def test_a_rank_without_image_targets_takes_part_in_the_flow_exchanges_backward():
+    spawn_within(trainworkers.flow_without_targets, 2, 300)

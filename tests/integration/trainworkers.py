@@ -293,3 +293,157 @@ def flow_balance(rank: int, world: int, port: int) -> None:
             assert moved.all(), moved
     dist.barrier()
     dist.destroy_process_group()
+
+
+def shm_stress(rank: int, world: int, port: int) -> None:
+    """Many small collectives on two channels, of random kinds, widths and splits (empty
+    splits and empty tensors too, and now and then one that grows the outboxes), each
+    rank pausing (sleep or sched_yield) at its own random points, and checking its peers'
+    liveness and order at every poll: every result exact, nothing raised, no hang. A rank's
+    data is a function of (rank, call), so each knows what it must receive."""
+    import random
+    import time
+
+    from uniloom.pipelines.train import shm_comm
+
+    init(rank, world, port)
+    shm_comm.LIVENESS_S = 0.0  # the liveness and order checks at every poll, not once a second
+    channels = [
+        shm_comm.ShmChannel.open(dist.group.WORLD, initial_bytes=4096, timeout_s=60) for _ in range(2)
+    ]
+    pauses = random.Random(rank)  # each rank its own pauses
+    for it in range(600):
+        plan = random.Random(it)  # the same plan on every rank
+        ch = plan.choice(channels)
+        if pauses.random() < 0.3:
+            time.sleep(pauses.random() * 0.003)
+        elif pauses.random() < 0.5:
+            os.sched_yield()
+        base = [1000.0 * (world * it + r) for r in range(world)]  # rank r's values start here
+        if plan.random() < 0.6:
+            width = plan.choice([1, 3, 64])
+            big = it % 97 == 0
+            splits = [[plan.choice([0, 0, 1, 2, 5, 40] + ([3000] if big else [])) for _ in range(world)]
+                      for _ in range(world)]  # fmt: skip
+            ins, outs = splits[rank], [row[rank] for row in splits]
+            x = torch.arange(sum(ins) * width, dtype=torch.float32).view(-1, width) + base[rank]
+            got = torch.empty(sum(outs), width)
+            ch.all_to_all_single(got, x, outs, ins)
+            starts = [sum(splits[j][:rank]) * width for j in range(world)]  # where j's rows for me begin
+            want = [torch.arange(starts[j], starts[j] + outs[j] * width, dtype=torch.float32) + base[j]
+                    for j in range(world)]  # fmt: skip
+            assert torch.equal(got, torch.cat(want).view(-1, width)), it
+        else:
+            sizes = [plan.choice([0, 1, 7, 300]) for _ in range(plan.randint(1, 3))]
+            parts = [torch.arange(n, dtype=torch.float32) * (rank + 1) + it for n in sizes]
+            ch.all_reduce_(parts)
+            want = [
+                torch.arange(n, dtype=torch.float32) * sum(range(1, world + 1)) + world * it for n in sizes
+            ]
+            assert all(torch.equal(p, w) for p, w in zip(parts, want)), it
+    assert max(c.gens[rank] for c in channels) > 0, "no outbox grew"
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def shm_misuse(rank: int, world: int, port: int) -> None:
+    """Ranks that call their collectives in different orders, across two channels or
+    within one (another kind, another size, splits that disagree), and a rank that does
+    not come in time: each rank raises an error naming the collective and the ranks,
+    before the channel's own timeout (30 s), instead of hanging or returning wrong bits."""
+    import time
+
+    from uniloom.pipelines.errors import UniloomError
+    from uniloom.pipelines.train.shm_comm import ShmChannel
+
+    def raises(call, words: list[str], within_s: float = 25) -> None:
+        started = time.monotonic()
+        try:
+            call()
+        except UniloomError as e:
+            took = time.monotonic() - started
+            assert all(w in str(e) for w in words) and took < within_s, (words, str(e), took)
+        else:
+            raise AssertionError(f"no error ({words})")
+
+    init(rank, world, port)
+    open_ = lambda timeout_s=30: ShmChannel.open(dist.group.WORLD, timeout_s=timeout_s)  # noqa: E731
+
+    # Two channels, called in opposite orders: each rank waits in one for the other.
+    a, b = open_(), open_()
+    first, second = (a, b) if rank == 0 else (b, a)
+    raises(lambda: first.all_reduce_([torch.ones(4)]), ["all_reduce_ #1", "different orders", second.name])
+    for ch in (a, b):
+        ch.close()  # the other rank has a collective open in it
+    dist.barrier()
+
+    ch = open_()  # another kind of collective at the same point
+    if rank == 0:
+        call, words = lambda: ch.all_reduce_([torch.ones(4)]), ["rank 1 called all_to_all_single"]
+    else:
+        call = lambda: ch.all_to_all_single(torch.empty(2, 3), torch.ones(2, 3), [1, 1], [1, 1])  # noqa: E731
+        words = ["rank 0 called all_reduce_ of 16 bytes where this rank called all_to_all_single"]
+    raises(call, words)
+    dist.barrier()
+
+    ch = open_()  # an all-reduce of another size
+    raises(lambda: ch.all_reduce_([torch.ones(4 + rank)]), ["all_reduce_ #1", "20 bytes", "16 bytes"])
+    dist.barrier()
+
+    ch = open_()  # each rank expects one row more than its peer sends it
+    ins = [1, 2] if rank == 0 else [1, 1]
+    outs = [ins[0], 3] if rank == 0 else [3, ins[1]]
+    raises(lambda: ch.all_to_all_single(torch.empty(sum(outs), 2), torch.ones(sum(ins), 2), outs, ins),
+           [f"rank {1 - rank} sends this rank", "3 rows of 8 bytes expected"])  # fmt: skip
+    dist.barrier()
+
+    # Rank 1 is alive (in a gloo barrier) but comes after rank 0 has given up; then rank
+    # 0, which arrived before giving up, never reduces its part.
+    ch = open_(timeout_s=2)
+    if rank == 1:
+        dist.barrier()
+    counter = "ARRIVED" if rank == 0 else "REDUCED"
+    raises(
+        lambda: ch.all_reduce_([torch.ones(4)]),
+        ["all_reduce_ #1", f"ranks [{1 - rank}] did not bring {counter} to #1 in 2 s"],
+    )
+    if rank == 0:
+        dist.barrier()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def flow_without_targets(rank: int, world: int, port: int) -> None:
+    """The small preset's hang at sft step 1,475: a rank whose batch has no image targets
+    runs rows of a rank with many (the flow head balanced over the data-parallel group's
+    shared-memory channel, the experts over the expert group's). Its backward must take
+    part in the flow head's exchanges too, and the rows it ran get their gradients."""
+    from deepspeed.utils import groups
+
+    from uniloom.pipelines.train import expert_parallel, flow_balance, shm_comm
+    from uniloom.pipelines.train.module import Trainee
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    trainee = Trainee(MODEL, MINGTOK)
+    expert_parallel.parallelize(trainee, world, 0, shm=True)
+    group = groups._get_data_parallel_group()
+    flow_balance.balance(trainee.model.flow_head, 1, group, shm_comm.channel(group))
+    g = torch.Generator().manual_seed(rank)
+    latents = lambda: torch.randn(4, 32, generator=g)  # noqa: E731
+    if rank == 0:
+        samples = [
+            sequence.text_only([20, 21, 22, 23]),
+            sequence.understanding(latents(), [13, 14], [15, 16]),
+        ]
+    else:
+        samples = [sequence.text_to_image([10 + i, 11, 12], latents()) for i in range(world * 2)]
+    b = sequence.pack(samples, 40)
+    assert (b.image_targets.sum() > 0) == (rank > 0)
+    trainee(b).total.backward()
+    head = [p.grad for p in trainee.model.flow_head.parameters()]
+    assert all(g is not None for g in head) and any(g.abs().sum() > 0 for g in head), (
+        "the rows run here got no gradient"
+    )
+    dist.barrier()
+    dist.destroy_process_group()

@@ -44,9 +44,11 @@ def test_an_edit_reruns_only_the_stages_that_run_the_edited_code(copy):
     assert base == stage_fingerprints(package_roots())  # the copy hashes as the original
     assert stage_fingerprints(roots) == base  # and the same code hashes the same
 
-    edit("uniloom.pipelines", "evaluate/report.py")  # eval-only: the eval stage's table
+    # The evaluation's report: eval runs it, and so does train, whose learning curves log
+    # their sample grids with it; nothing upstream reruns.
+    edit("uniloom.pipelines", "evaluate/report.py")
     after = stage_fingerprints(roots)
-    assert changed(base, after) == ["eval"]
+    assert changed(base, after) == ["train", "eval", "register"]
 
     edit("uniloom.models", "mingtok.py")  # the tokenizer, which every later stage runs
     assert changed(after, stage_fingerprints(roots)) == ["tokenizer", "data", "train", "eval", "register"]
@@ -76,8 +78,8 @@ def test_a_stage_s_own_glue_and_package_data_count_for_that_stage_only(copy):
 
 
 def test_a_module_a_stage_imports_inside_a_function_is_in_its_fingerprint(copy):
-    """A new module, imported where it is used (deferred), joins the eval stage's closure,
-    and editing it reruns eval."""
+    """A new module, imported where it is used (deferred), joins the closure of the stages
+    that run report.py (eval, and train for its grids), and editing it reruns them."""
     roots, edit = copy
     (roots["uniloom.pipelines"] / "evaluate" / "extra.py").write_text("SCALE = 1\n")
     edit(
@@ -91,7 +93,11 @@ def test_a_module_a_stage_imports_inside_a_function_is_in_its_fingerprint(copy):
     assert "uniloom.pipelines.evaluate.extra" not in sources.function(run["tokenizer"])[1]
     base = stage_fingerprints(roots)
     edit("uniloom.pipelines", "evaluate/extra.py", "SCALE = 2\n")
-    assert changed(base, stage_fingerprints(roots)) == ["eval"]
+    assert changed(base, stage_fingerprints(roots)) == [
+        "train",
+        "eval",
+        "register",
+    ]  # train's grids use report.py
 
 
 # Modules the data stage's row computation imports that do not decide what a row holds,

@@ -4,6 +4,7 @@ the register stage keeping `champion` where a gate fails (real MLflow SQLite sto
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import mlflow
@@ -200,6 +201,52 @@ def test_champion_moves_only_when_the_model_and_its_tokenizer_pass(registry, tok
         assert str(client.get_model_version_by_alias(name, "champion").version) == version, name
 
 
+def test_registered_versions_carry_their_lineage_and_evaluation(registry, tmp_path):
+    """The training run's shards as its MLflow dataset (fingerprint, row counts), and on
+    the registered version: the data fingerprint, its MingTok's version (tags, as the train
+    stage records them), the eval figures and gate (the register stage), a description."""
+    from uniloom.pipelines.data.manifest import Manifest
+    from uniloom.pipelines.train.registry import record_lineage, shards_lineage
+
+    client, folder, experiment = registry
+    manifest = Manifest(str(tmp_path / "data"), {})
+    for i, written in enumerate((40, 2)):
+        rows = {"read": written + 3, "written": written, "quarantined": 1, "filtered": {"dedup": 2}}
+        manifest.shards[f"shard-{i}"] = {"fingerprint": f"{i}" * 16, "rows": rows}
+    manifest.save()
+    run = client.create_run(experiment)
+    job = {"mlflow_run_id": run.info.run_id, "shards_uri": str(tmp_path / "data"), "image_tokenizer": "i" * 16,
+           "text_tokenizer": "t" * 16, "tokenizer_version": "2"}  # fmt: skip
+    record_lineage(job, {}, "2")
+    cfg = load_config("tiny", overrides=[f"workspace={folder}"])
+    done = {
+        "tokenizer": StageResult(metrics=GOOD_TOKENIZER),
+        "train": StageResult(metrics={"registered_version": 2.0}),
+        "eval": StageResult(metrics=GOOD_EVAL),
+    }
+    with mlflow.start_run(experiment_id=experiment):
+        _register(cfg, done)
+
+    fingerprint = shards_lineage(str(tmp_path / "data"), {})[0]
+    (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.digest == fingerprint and json.loads(dataset.dataset.source)["uri"] == str(
+        tmp_path / "data"
+    )
+    counts = {t.key: t.value for t in dataset.tags}
+    assert counts["shards"] == "2" and counts["rows_written"] == "42" and counts["rows_read"] == "48"
+    assert counts["rows_quarantined"] == "2" and counts["rows_filtered"] == "4"
+    version = client.get_model_version(UNIVISION_NAME, "2")
+    assert version.tags["data.fingerprint"] == fingerprint and version.tags["data.rows"] == "42"
+    assert version.tags["tokenizer.version"] == "2" and version.tags["text_tokenizer"] == "t" * 16
+    assert version.tags["eval.geneval_overall"] == "0.8" and version.tags["eval.vqa_accuracy"] == "0.9"
+    assert version.tags["gate"] == "passed" and "eval.geneval_overall_lo" not in version.tags
+    assert f"data {fingerprint}, rows 42, uniloom-mingtok version 2" in version.description
+    assert "geneval_overall 0.8 (n 96, 95% 0.740-0.860)" in version.description
+    mingtok = client.get_model_version(MINGTOK_NAME, "2")
+    assert mingtok.tags["eval.psnr"] == "35" and mingtok.tags["eval.detector_agreement"] == "0.99"
+    assert "registered_version" not in " ".join(mingtok.tags)
+
+
 def test_eval_command_logs_metrics_table_and_examples_to_mlflow(registry, bundle, monkeypatch):
     import json
 
@@ -231,6 +278,18 @@ def test_eval_command_logs_metrics_table_and_examples_to_mlflow(registry, bundle
     assert {"eval/scores.json", "eval/examples"} <= logged
     examples = {a.path for a in client.list_artifacts(run.info.run_id, "eval/examples")}
     assert "eval/examples/edit_round_3.png" in examples
+    # Every judgement as a table: a row per GenEval check and per edit round, each with its
+    # image; the answers in another. Their pass counts are the figures.
+    samples = mlflow.load_table("eval/samples.json", run_ids=[run.info.run_id])
+    assert list(samples.columns[:4]) == ["prompt", "category", "passed", "image"]
+    rounds = samples[samples.category == "edit_round_3"]
+    assert len(rounds) == summary["edit_success_3_n"] == 2
+    assert rounds.passed.mean() == summary["edit_success_3"]
+    assert all(cell["type"] == "image" for cell in samples.image)
+    stored = {a.path for a in client.list_artifacts(run.info.run_id, "table_images/eval/samples")}
+    assert {cell["filepath"] for cell in samples.image} <= stored
+    answers = mlflow.load_table("eval/answers.json", run_ids=[run.info.run_id])
+    assert len(answers) == summary["vqa_accuracy_n"] and answers.passed.mean() == summary["vqa_accuracy"]
 
 
 def test_eval_tune_prints_the_chosen_settings_as_preset_yaml(registry, bundle, monkeypatch):

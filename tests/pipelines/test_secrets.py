@@ -39,7 +39,7 @@ def test_storage_secrets_reach_neither_the_store_nor_the_output(tmp_path, capfd)
         out.write_text("x")
         return StageResult(outputs={"shards": str(out)}, metrics={"rows": 1.0})
 
-    reports, parent = run_workflow(cfg, [Stage("data", ("data",), stage)], echo=print)
+    reports, parent = run_workflow(cfg, [Stage("data", ("data",), stage)])
     summary = summarize(cfg, reports, parent, 1.0)
     emit(summary, as_json=True)
     emit(summary, as_json=False)

@@ -1,15 +1,23 @@
-"""The workflow runner: fingerprints, skips, reruns downstream of a change, MLflow runs;
-the train stage's Ray Train run."""
+"""The workflow runner: fingerprints, skips, reruns downstream of a change, MLflow runs,
+each stage's output in its log and one bar on the terminal; the train stage's Ray Train run."""
 
 import copy
+import io
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.terminal import Terminal
 from uniloom.pipelines.workflow import Stage, StageResult, run_workflow
 from uniloom.pipelines.workflow_stages import train_config
+
+
+def _quiet(cfg) -> Terminal:
+    return Terminal(f"{cfg.workspace}/logs", out=io.StringIO())
 
 
 def _stages(tmp_path, calls):
@@ -33,26 +41,26 @@ def test_unchanged_stages_skip_and_a_change_reruns_only_downstream(tmp_path):
     calls = []
     cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
     stages = _stages(tmp_path, calls)
-    reports, _ = run_workflow(cfg, stages, echo=lambda m: None)
+    reports, _ = run_workflow(cfg, stages, terminal=_quiet(cfg))
     assert [r.status for r in reports] == ["ran"] * 3 and calls == ["corpus", "data", "train"]
 
     calls.clear()
-    reports, _ = run_workflow(cfg, stages, echo=lambda m: None)
+    reports, _ = run_workflow(cfg, stages, terminal=_quiet(cfg))
     assert [r.status for r in reports] == ["skipped"] * 3 and calls == []
 
     cfg.tracking.experiment = "other"  # read by "data" only
-    reports, _ = run_workflow(cfg, stages, echo=lambda m: None)
+    reports, _ = run_workflow(cfg, stages, terminal=_quiet(cfg))
     assert [r.status for r in reports] == ["skipped", "ran", "ran"] and calls == ["data", "train"]
 
     calls.clear()
     (tmp_path / "train.out").unlink()  # a missing output is not fresh
-    reports, _ = run_workflow(cfg, stages, echo=lambda m: None, force=("corpus",))
+    reports, _ = run_workflow(cfg, stages, force=("corpus",), terminal=_quiet(cfg))
     assert [r.status for r in reports] == ["ran", "ran", "ran"]
 
 
 def test_one_parent_run_with_nested_stage_runs(tmp_path):
     cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
-    _, parent = run_workflow(cfg, _stages(tmp_path, []), echo=lambda m: None)
+    _, parent = run_workflow(cfg, _stages(tmp_path, []), terminal=_quiet(cfg))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id])
@@ -66,12 +74,73 @@ def test_corrupt_state_and_unreachable_tracking_server_fail_clearly(tmp_path):
     cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
     (tmp_path / "workflow.json").write_text("{not json")
     with pytest.raises(UniloomError, match="workflow.json is corrupt"):
-        run_workflow(cfg, _stages(tmp_path, []), echo=lambda m: None)
+        run_workflow(cfg, _stages(tmp_path, []), terminal=_quiet(cfg))
     cfg = load_config(
         "tiny", overrides=[f"workspace={tmp_path / 'b'}", "tracking.tracking_uri=http://127.0.0.1:9"]
     )
     with pytest.raises(UniloomError, match=r"http://127.0.0.1:9 is unreachable"):
-        run_workflow(cfg, _stages(tmp_path, []), echo=lambda m: None)
+        run_workflow(cfg, _stages(tmp_path, []), terminal=_quiet(cfg))
+
+
+NOISY = """
+import logging, os, subprocess, sys, warnings
+from uniloom.pipelines.config import load_config
+from uniloom.pipelines.progress import report
+from uniloom.pipelines.workflow import Stage, StageResult, run_workflow
+
+def noisy(cfg, upstream):
+    print("a print on stdout")
+    logging.getLogger("some.library").warning("a logged warning")
+    warnings.warn("a Python warning", UserWarning)
+    os.write(2, b"raw bytes on fd 2\\n")  # as C++ code writes
+    subprocess.run([sys.executable, "-c", "import sys; print('child on stdout', file=sys.stdout)"], check=True)
+    for done in range(0, 41, 5):
+        report("noisy", done, 40, "steps", {"loss": f"{1 / (done + 1):.4f}"})
+    return StageResult(metrics={"x": 1.0})
+
+run_workflow(load_config("tiny", overrides=[f"workspace={sys.argv[1]}"]),
+             [Stage("noisy", (), noisy, description="make noise")])
+print("after the workflow", file=sys.stderr)
+"""
+
+
+def test_a_stage_output_goes_to_its_log_and_the_terminal_gets_its_progress(tmp_path):
+    """Output by every route a stage's libraries take (print, logging, warnings, bytes on
+    the file descriptors, a child process) lands in the stage's log; stderr, not a
+    terminal here, gets a line at the start, at each quarter and at the end."""
+    script = tmp_path / "noisy.py"  # a file: the workflow fingerprints the stage's code
+    script.write_text(NOISY)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    log = (tmp_path / "logs" / "noisy.log").read_text()
+    for line in ("a print on stdout", "a logged warning", "UserWarning: a Python warning",
+                 "raw bytes on fd 2", "child on stdout", "[noisy] 40/40 steps, loss 0.0244"):  # fmt: skip
+        assert line in log
+    shown = run.stderr.splitlines()
+    assert shown[0] == "[noisy] make noise"
+    assert [line.split("%")[0] for line in shown[1:4]] == ["[noisy] 25", "[noisy] 50", "[noisy] 75"]
+    assert shown[4].startswith("[noisy] done in ") and shown[4].endswith("(40/40 steps, loss 0.0244)")
+    assert shown[5:] == ["after the workflow"] and run.stdout == ""
+    assert "Creating initial MLflow database tables" in (tmp_path / "logs" / "workflow.log").read_text()
+
+
+def test_a_failing_stage_shows_the_end_of_its_log_and_where_it_is(tmp_path):
+    def failing(cfg, upstream):
+        for i in range(30):
+            print(f"working {i}")
+        raise UniloomError("it broke")
+
+    cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
+    out = io.StringIO()
+    with pytest.raises(UniloomError, match="it broke"):
+        run_workflow(cfg, [Stage("brittle", (), failing)], terminal=Terminal(tmp_path / "logs", out=out))
+    shown = out.getvalue().splitlines()
+    assert shown[1].startswith("[brittle] failed after ")
+    assert shown[2] == f"[brittle] the last 20 lines of its log {tmp_path / 'logs' / 'brittle.log'}:"
+    assert shown[3:] == [f"  working {i}" for i in range(10, 30)]
+    print("after the workflow")  # stdout is this process's own again
 
 
 @pytest.mark.parametrize("server", ["closed port", "silent server"])
