@@ -199,3 +199,15 @@ def uniloom_main(monkeypatch, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small models and ops run fastest on one intra-op thread, and a shared 2-core machine
+    makes OpenMP's spinning threads stall each other (tens of times slower): pin to one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small ops run fastest on one thread; a shared 2-core machine stalls OpenMP's spinners."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Every kernel test on one torch thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)

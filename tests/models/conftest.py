@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture
-def one_torch_thread():
-    """Small models run fastest on one intra-op thread, and a shared 2-core machine makes
-    OpenMP's spinning threads stall each other (tens of times slower): pin to one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def count_calls(monkeypatch):
+    """count_calls(obj, names) -> {name: 0}, counting each call of obj.name from then on."""
+
+    def install(obj, names):
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            original = getattr(obj, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(obj, name, spy)
+        return calls
+
+    return install

@@ -90,17 +90,9 @@ def test_guidance_branches_equal_prompts_without_the_hidden_tokens(models):
     assert torch.equal(uncond, p.input_ids[~p.turn_mask])
 
 
-def test_multi_round_edit_continues_from_the_cache(models, monkeypatch):
+def test_multi_round_edit_continues_from_the_cache(models, count_calls):
     model, tokenizer = models
-    calls = {"encode": 0, "decode_pixels": 0}
-    for name in calls:
-        original = getattr(tokenizer, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(tokenizer, name, spy)
+    calls = count_calls(tokenizer, ["encode", "decode_pixels"])
 
     gen = torch.Generator().manual_seed(0)
     first = edit(model, tokenizer, None, [[20, 21]], source_images=pixels(1), render=False, generator=gen)

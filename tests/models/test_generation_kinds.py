@@ -140,18 +140,10 @@ def test_guidance_at_unit_scales_is_the_conditional_branch(kind):
 
 
 @pytest.mark.parametrize("kind", ["unitok", "tuna"])
-def test_multi_round_edit_continues_from_the_cache(kind, monkeypatch):
+def test_multi_round_edit_continues_from_the_cache(kind, count_calls):
     model, tokenizer = build(kind)
     render = "decode_codes" if kind == "unitok" else "decode"
-    calls = {"encode": 0, render: 0}
-    for name in calls:
-        original = getattr(tokenizer, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(tokenizer, name, spy)
+    calls = count_calls(tokenizer, ["encode", render])
 
     first = edit(model, tokenizer, None, [[20, 21]], source_images=pixels(1), render=False, generator=gen(0))
     second = edit(model, tokenizer, first.state, [[22]], render=False, generator=gen(1))

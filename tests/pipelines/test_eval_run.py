@@ -26,14 +26,7 @@ from uniloom.pipelines.evaluate.univision import Bundle, evaluate_bundle, model_
 from uniloom.pipelines.workflow import StageResult
 from uniloom.pipelines.workflow_stages import MINGTOK_NAME, UNIVISION_NAME, _register
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine stalls OpenMP's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOK = MingTokConfig(image_size=16, patch_size=8, enc_width=32, enc_depth=1, enc_heads=2, sem_width=32, sem_depth=1,
