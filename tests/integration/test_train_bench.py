@@ -10,6 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_train_times_the_real_loop_and_counts_model_flops(cli, tmp_path, report):
+    from uniloom.pipelines import progress
     from uniloom.pipelines.config import load_config
     from uniloom.pipelines.model_info import parameter_counts
     from uniloom.pipelines.train.flops import TrainingFlops
@@ -20,7 +21,10 @@ def test_bench_train_times_the_real_loop_and_counts_model_flops(cli, tmp_path, r
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["workers"], out["expert_parallel"], out["timed_steps_per_side"]) == (2, 2, 2)
     # the full side ran the run's loop: its last step logged, reduced over both workers
-    assert "bench step 4/4 loss" in proc.stderr
+    reports = [
+        r for r in map(progress.parse, proc.stderr.splitlines()) if r is not None and r.stage == "train"
+    ]
+    assert reports and reports[-1].figures["stage"] == "bench 4/4" and "loss" in reports[-1].figures
     assert out["full_tokens_per_s_per_worker"] > 0 and out["plain_tokens_per_s"] > 0
     # FLOPs per token of the batches' own mix: the backbone's for every token, and between
     # nothing and every extra once per token for the text targets, image slots and targets
