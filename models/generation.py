@@ -5,6 +5,8 @@ UniTok or Tuna).
 
 Image loop of the autoregressive kinds, per image token (N of them, the tokenizer's grid):
     mingtok  hidden -> vis_head -> flow head (Euler, shared noise across branches) -> latent
+             (with model.coarse_codes: first a coarse code from its guided softmax head,
+             drawn once for all branches, whose embedding joins the flow head's condition)
              latent -> MingTok semantic decoder, incrementally (its own KV cache) -> feature
              feature -> projector -> the next input embedding
     unitok   hidden -> depth head, one sub-codebook at a time (guided logits, each code
@@ -182,7 +184,10 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
         sem_cache = tokenizer.new_semantic_cache(B)
 
         def draw(h_RH):  # -> (latent (B, C), its input row: the semantic feature (B, D))
-            z_BC = model.flow_head.sample(model.flow_condition(h_RH), steps, temperature, scales, generator)
+            code = _sample_coarse(model, h_RH, scales, generator) if cfg.coarse_codes else None
+            z_BC = model.flow_head.sample(
+                model.flow_condition(h_RH, code), steps, temperature, scales, generator
+            )
             return z_BC, tokenizer.decode_semantic(z_BC[:, None], cache=sem_cache)[:, 0]
     else:
 
@@ -213,6 +218,14 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
         images = tokenizer.decode_pixels(torch.stack(inputs, 1)) if render else None
         return ImageTurn(values_BN, torch.stack(inputs, 1), images, cache)
     return ImageTurn(values_BN, None, tokenizer.decode_codes(values_BN) if render else None, cache)
+
+
+def _sample_coarse(model: UniVision, h_RH, scales, generator):
+    """MingTok's coarse code of the next latent, guided across the G branches and drawn
+    once for all of them: (G * B,)."""
+    G = 1 if scales is None else 3
+    logits_BK = guide(model.coarse_head(h_RH).float().view(G, -1, model.cfg.coarse_codes), scales)
+    return torch.multinomial(logits_BK.softmax(-1), 1, generator=generator)[:, 0].repeat(G)
 
 
 def _sample_codes(head, h_RH, temperature: float, scales, generator):

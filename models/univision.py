@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from uniloom.kernels import use_triton
 from uniloom.kernels.linear_ce import linear_cross_entropy
@@ -107,6 +108,14 @@ class UniVision(nn.Module):
                 cfg.flow_mlp_mult,
                 kernels=cfg.kernels,
             )
+            if cfg.coarse_codes:
+                # The code's embedding starts at zero: the flow head starts as without codes.
+                # The centres are set from training latents (set_coarse_centers) and saved.
+                self.coarse_head = nn.Linear(cfg.hidden, cfg.coarse_codes, bias=False)
+                nn.init.normal_(self.coarse_head.weight, std=cfg.init_std)
+                self.coarse_embed = nn.Embedding(cfg.coarse_codes, cfg.flow_width)
+                nn.init.zeros_(self.coarse_embed.weight)
+                self.register_buffer("coarse_centers", torch.zeros(cfg.coarse_codes, cfg.latent_dim))
         elif cfg.image_kind == "unitok":
             self.code_embed = CodeEmbedding(cfg.num_codebooks, cfg.codebook_size, cfg.hidden, cfg.init_std)
             self.depth_head = DepthHead(cfg.hidden, cfg.num_codebooks, cfg.codebook_size, cfg.depth_width,
@@ -199,8 +208,20 @@ class UniVision(nn.Module):
     def logits(self, hidden):  # (..., H) -> (..., V)
         return self.lm_head(hidden)
 
-    def flow_condition(self, hidden):  # (..., H) -> (..., flow_width)
-        return self.vis_head(hidden)
+    def flow_condition(self, hidden, code=None):  # (..., H), coarse codes (...) -> (..., flow_width)
+        cond = self.vis_head(hidden)
+        return cond if code is None else cond + self.coarse_embed(code)
+
+    def coarse_modules(self) -> list[nn.Module]:
+        """The coarse codes' head and embedding (none without coarse codes)."""
+        return [self.coarse_head, self.coarse_embed] if self.cfg.coarse_codes else []
+
+    def set_coarse_centers(self, centers_KC: torch.Tensor) -> None:
+        """The k-means centres (K, C) of training latents that define the coarse codes."""
+        self.coarse_centers.copy_(centers_KC)
+
+    def coarse_code(self, latents_NC):  # (N, C) -> (N,) the nearest centre of each latent
+        return torch.cdist(latents_NC.float(), self.coarse_centers.float()).argmin(-1)
 
     # ------------------------------------------------------------------ training loss
 
@@ -214,9 +235,12 @@ class UniVision(nn.Module):
         return batch.image_latents[target_BT[batch.image_mask]], hidden_BTH[cond_BT]
 
     def flow_pairs(self, batch: Batch, hidden_BTH):
-        """MingTok: the generated latents (N, C) and the flow head's conditions (N, Z)."""
+        """MingTok: the generated latents (N, C), the flow head's conditions (N, Z) (with
+        coarse codes: given the true code) and the coarse codes' logits (N, K) or None."""
         x0_NC, h_NH = self.shifted_targets(batch, hidden_BTH)
-        return x0_NC, self.flow_condition(h_NH)
+        if not self.cfg.coarse_codes:
+            return x0_NC, self.flow_condition(h_NH), None
+        return x0_NC, self.flow_condition(h_NH, self.coarse_code(x0_NC)), self.coarse_head(h_NH)
 
     def loss(self, batch: Batch, image_features_PD=None, *, tuna=None, generator=None) -> Losses:
         """The training objective of a (packed) batch. mingtok: image_features_PD are the
@@ -250,11 +274,18 @@ class UniVision(nn.Module):
             # (pipelines/train/flow_balance.py) exchanges rows at every step, and with N = 0
             # the empty sum keeps it in the graph: the rows this rank ran for others get
             # their gradients, and its backward makes the same exchanges as the other ranks'.
-            x0_NC, cond_NZ = self.flow_pairs(batch, h_BTH)
+            x0_NC, cond_NZ, logits_NK = self.flow_pairs(batch, h_BTH)
             flow_mse = self.flow_head.loss(x0_NC.to(h_BTH.dtype), cond_NZ, self.cfg.flow_batch_mul)  # (N,)
             flow = flow_mse.mean() if flow_mse.numel() else flow_mse.sum()
             image = self.cfg.flow_loss_weight * flow
             per_task |= _per_task(flow_mse, batch.task_ids[batch.image_targets], "flow")
+            if logits_NK is not None:
+                code_ce = F.cross_entropy(
+                    logits_NK.float(), self.coarse_code(x0_NC), reduction="none"
+                )  # (N,)
+                code = code_ce.mean() if code_ce.numel() else code_ce.sum()
+                image = image + self.cfg.code_loss_weight * code
+                per_task |= _per_task(code_ce, batch.task_ids[batch.image_targets], "code")
         elif kind == "unitok":
             codes_NK, h_NH = self.shifted_targets(batch, h_BTH)
             code_ce = self.depth_head.loss(h_NH, codes_NK)  # (N,)
@@ -326,7 +357,8 @@ class UniVision(nn.Module):
     def vision_modules(self) -> dict[str, nn.Module]:
         """The kind's own modules beside the backbone, by attribute name (none for tuna:
         its cascade and velocity head are the TUNA tokenizer's)."""
-        names = {"mingtok": ("projector", "vis_head", "flow_head"), "unitok": ("code_embed", "depth_head"),
+        coarse = ("coarse_head", "coarse_embed") if self.cfg.coarse_codes else ()
+        names = {"mingtok": ("projector", "vis_head", "flow_head", *coarse), "unitok": ("code_embed", "depth_head"),
                  "tuna": ()}[self.cfg.image_kind]  # fmt: skip
         return {name: getattr(self, name) for name in names}
 

@@ -47,6 +47,13 @@ class UniVisionConfig:
     flow_depth: int = 12
     flow_mlp_mult: float = 4.0
     flow_batch_mul: int = 4  # flow-loss samples (t, noise) per image token, as MAR's diffusion_batch_mul
+    # MingTok hybrid tokens (as HART pairs discrete tokens with a residual diffusion): a
+    # softmax head predicts which of `coarse_codes` k-means centres of the training latents
+    # the next latent is nearest, and the flow head, conditioned on that code, draws the
+    # latent. The cross-entropy gives an object's first patch (where its colour and shape
+    # are decided) a loss that the flow-matching MSE, dominated by where objects start,
+    # does not. 0: off, the flow head alone as in the paper.
+    coarse_codes: int = 0
     # UniTok: a position's codes, one per sub-codebook (UniTokConfig num_codebooks and
     # codebook_size), and the depth transformer that predicts them (our sizes: the paper
     # gives none)
@@ -58,7 +65,7 @@ class UniVisionConfig:
     # Losses
     text_loss_weight: float = 1.0
     flow_loss_weight: float = 1.0  # MingTok's and TUNA's flow matching
-    code_loss_weight: float = 1.0  # UniTok's code cross-entropy
+    code_loss_weight: float = 1.0  # UniTok's code cross-entropy, and MingTok's coarse codes'
     aux_loss_weight: float = 0.01
     # Sampling
     flow_steps: int = 16
@@ -86,5 +93,7 @@ class UniVisionConfig:
             raise ValueError(
                 f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}"
             )
+        if self.coarse_codes and (self.coarse_codes < 2 or self.image_kind != "mingtok"):
+            raise ValueError("coarse_codes needs image_kind mingtok and at least 2 codes (0: off)")
         if self.flow_batch_mul < 1 or self.flow_steps < 1:
             raise ValueError("flow_batch_mul and flow_steps must be at least 1")

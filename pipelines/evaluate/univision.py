@@ -229,8 +229,11 @@ def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict
             features = image_features(tok, batch.image_latents, n)
             hidden = model(batch.input_ids, features, batch.image_mask, position_ids_BT=batch.position_ids,
                            doc_ids_BT=batch.doc_ids).hidden  # fmt: skip
-            x0, cond = model.flow_pairs(batch, hidden)
+            x0, cond, logits = model.flow_pairs(batch, hidden)
             losses.append(model.flow_head.loss(x0.to(cond.dtype), cond, batch_mul=4).float())
+            if logits is not None:  # the coarse code drawn, as in generation, not the true one
+                drawn = torch.multinomial(logits.float().softmax(-1), 1, generator=gen)[:, 0]
+                cond = cond + model.coarse_embed(drawn) - model.coarse_embed(model.coarse_code(x0))
             z = model.flow_head.sample(cond, steps, temperature, generator=gen)
             images.extend(to_uint8(tok.decode_pixels(tok.decode_semantic(z.view(len(chunk), n, -1)))))
     scores = score_generation(items, images)

@@ -54,7 +54,7 @@ class Trainee(nn.Module):
         m = self.model
         return {
             "projector": [m.projector],
-            "flow_head": [m.vis_head, m.flow_head],
+            "flow_head": [m.vis_head, m.flow_head, *m.coarse_modules()],
             "llm": [m.embed, m.layers, m.norm, m.lm_head],
             "semantic_decoder": [self.tokenizer.semantic_decoder],
         }
