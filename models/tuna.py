@@ -204,6 +204,10 @@ class Tuna(nn.Module):
         images = self._decode_raw(latents * self.cfg.latent_scale + self.cfg.latent_shift)
         return images.clamp(-1, 1) if clamp else images
 
+    def reconstruct(self, images):
+        """images -> the decoded posterior mean (B, 3, H, W) in [-1, 1]."""
+        return self.decode(self.encode(images))
+
     def vae_loss(self, images, generator: torch.Generator | None = None) -> VAELosses:
         """Reconstruction of a posterior draw, and the KL term to the standard normal."""
         mean, logvar = self.posterior(images)

@@ -6,10 +6,13 @@ representation tokens. `TunaConfig.paper()` is the article's cascade: a VAE with
 spatial downsampling to 48 channels (Wan 2.2's), a representation encoder the size of
 SigLIP-2 so400m (1152 wide, 16 heads) over 1 x 1 patches of the latent grid with its
 features taken from the second-to-last of its 27 layers (so 26 layers here), and a
-connector into a Qwen2.5-7B-wide backbone (3584; the 1.5B model's is 1536). The
+connector into the unified backbone: in uniloom every kind shares Ling-lite's (2048 wide,
+../shared/design/MODEL_SPEC.md), not TUNA's Qwen2.5-7B (3584), and the workflow sets
+llm_width to model.hidden (pipelines/config.py DERIVED). The
 article's VAE is convolutional and pretrained; here it is a ViT of our own choosing
 (768 wide, 12 deep), trained first and then frozen. The velocity head's 10 layers are the
-released code's `num_diffusion_layers`; its 28 heads give Qwen2.5-7B's head dim (128).
+released code's `num_diffusion_layers`; its 16 heads give head dim 128 at 2048, as Qwen2.5's
+28 do at 3584.
 See ../shared/design/MODEL_SPEC.md.
 """
 
@@ -44,7 +47,7 @@ class TunaConfig:
     def paper(cls) -> TunaConfig:
         return cls(image_size=512, vae_patch_size=16, latent_channels=48, vae_width=768, vae_depth=12,
                    vae_heads=12, rep_patch_size=1, rep_width=1152, rep_depth=26, rep_heads=16,
-                   llm_width=3584, head_depth=10, head_heads=28)  # fmt: skip
+                   llm_width=2048, head_depth=10, head_heads=16)  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("image_size", "vae_patch_size", "latent_channels", "rep_patch_size",

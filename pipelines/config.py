@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from uniloom.models.mingtok_config import MingTokConfig
+from uniloom.models.tuna_config import TunaConfig
+from uniloom.models.unitok_config import UniTokConfig
 from uniloom.models.univision_config import UniVisionConfig
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.errors import ConfigError
@@ -72,11 +74,13 @@ class RayConfig:
 @dataclass
 class UniloomConfig:
     preset: str = "tiny"
-    workspace: str = "workspace"  # runs, MLflow store, checkpoints of the embedded default
+    workspace: str = "workspace"  # a local folder or a URL (s3://bucket/prefix): pipelines/workspace.py
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mingtok: MingTokConfig = field(default_factory=MingTokConfig)
+    unitok: UniTokConfig = field(default_factory=UniTokConfig)
+    tuna: TunaConfig = field(default_factory=TunaConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: UniVisionConfig = field(default_factory=UniVisionConfig)
@@ -211,11 +215,27 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"config section '{prefix or cls.__name__}': {e}") from None
 
 
+# What a tokenizer kind changes in the unified model's defaults, under the user's settings:
+# TUNA's paper weighs flow matching 1.0 and next-token prediction 0.2.
+KIND_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"tuna": {"text_loss_weight": 0.2}}
+# Keys that copy another (what the backbone reads is what the tokenizer writes): each is
+# set from its source, so the two never disagree, and is never set by hand.
+DERIVED = {
+    "model.image_kind": "tokenizer.kind",
+    "model.num_codebooks": "unitok.num_codebooks",
+    "model.codebook_size": "unitok.codebook_size",
+    "tuna.llm_width": "model.hidden",
+}
+
+
 def load_config(
     preset: str = "tiny", config_file: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> UniloomConfig:
+    """The preset, the tokenizer kind's model defaults, the config file, the overrides, in
+    that order; then the DERIVED keys from their sources."""
     data = load_preset(preset)
     data["preset"] = preset
+    user: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -224,10 +244,33 @@ def load_config(
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path}: not a text file ({e.__class__.__name__})") from None
-        data = _deep_merge(data, _read_yaml(text, str(path)))
+        user = _read_yaml(text, str(path))
     for text in overrides:
-        data = _deep_merge(data, parse_override(text))
-    return build(UniloomConfig, data)
+        user = _deep_merge(user, parse_override(text))
+    kind = _deep_merge(data, user).get("tokenizer", {}).get("kind", "mingtok")
+    data = _deep_merge(data, {"model": KIND_MODEL_DEFAULTS.get(kind, {}) if isinstance(kind, str) else {}})
+    given = flatten(_deep_merge(data, user))
+    for key, source in DERIVED.items():
+        if key in given:
+            raise ConfigError(f"config key '{key}' follows {source}: set {source} instead")
+    return _derive(build(UniloomConfig, _deep_merge(data, user)))
+
+
+def _derive(cfg: UniloomConfig) -> UniloomConfig:
+    sections = set()
+    for key, source in DERIVED.items():
+        section, name = key.split(".")
+        value: Any = cfg
+        for part in source.split("."):
+            value = getattr(value, part)
+        setattr(getattr(cfg, section), name, value)
+        sections.add(section)
+    for section in sorted(sections):
+        try:
+            getattr(cfg, section).__post_init__()  # the section's checks, on the copied values
+        except ValueError as e:
+            raise ConfigError(f"config section '{section}': {e}") from None
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from uniloom.pipelines.config import UniloomConfig, flatten, to_dict
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.redact import redact, redact_text
+from uniloom.pipelines.workspace import is_remote, workspace_uri
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger(__name__)
@@ -33,11 +34,25 @@ PAUSE_MAX_S = 600.0
 
 
 def tracking_uri(cfg: UniloomConfig) -> str:
-    """The configured URI, or a SQLite store inside the workspace (the embedded default)."""
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    db = Path(cfg.workspace).resolve() / "mlflow.db"
-    return f"sqlite:///{db}"
+    """The configured URI, or a SQLite store inside a local workspace (the embedded
+    default). A remote workspace's nodes share no disk, so its store is the tracking server
+    the user gives (tracking.tracking_uri, else MLFLOW_TRACKING_URI); one on this node's
+    files is refused."""
+    if not is_remote(cfg.workspace):
+        return cfg.tracking.tracking_uri or f"sqlite:///{workspace_uri(cfg, 'mlflow.db')}"
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if urllib.parse.urlsplit(uri).scheme.lower() in ("", "file", "sqlite"):
+        store = (
+            f"the MLflow store {redact_text(uri)} is"
+            if uri
+            else "no MLflow tracking server is given, so the store would be"
+        )
+        raise UniloomError(
+            f"workspace {redact_text(cfg.workspace)} is remote, but {store} a file on this node, which "
+            "the other nodes cannot reach: set MLFLOW_TRACKING_URI (or tracking.tracking_uri) to a "
+            "tracking server, e.g. the one in infra/mlflow/mlflow.yaml"
+        )
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -84,9 +99,11 @@ def configure(cfg: UniloomConfig) -> str:
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
-        artifacts = None
+        artifacts = None  # a tracking server's default, for a local workspace
         if uri.startswith("sqlite:///"):
-            artifacts = (Path(cfg.workspace).resolve() / "mlartifacts").as_uri()
+            artifacts = Path(workspace_uri(cfg, "mlartifacts")).as_uri()
+        elif is_remote(cfg.workspace):  # on the workspace's store, which every node reaches
+            artifacts = workspace_uri(cfg, "mlartifacts")
         experiment_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id

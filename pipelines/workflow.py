@@ -6,31 +6,36 @@ stages it depends on, and the code it runs (its `run` function and the uniloom m
 reaches: pipelines/codehash.py), so changing one filter reruns the data stage and what
 depends on it, and nothing before it, and editing an evaluation module reruns eval and
 what follows only; a stage that runs again (forced, or its outputs gone) reruns its
-dependents too. State lives in
-`<workspace>/workflow.json`, written atomically after each stage, so a run that dies
-keeps every stage it finished. One MLflow parent run covers an invocation; every stage
+dependents too. State lives in the workspace (`State`: a local folder or an object
+store), written atomically after each stage, so a run that dies keeps every stage it
+finished. One MLflow parent run covers an invocation; every stage
 that runs gets a nested run, and skipped stages are listed on the parent.
 
 The terminal gets one progress bar per stage; each stage's own output (and Ray's,
-DeepSpeed's, MLflow's) goes to `<workspace>/logs/<stage>.log` (pipelines/terminal.py).
+DeepSpeed's, MLflow's) goes to `logs/<stage>.log` in this node's scratch folder, the
+workspace when that is local (pipelines/terminal.py, pipelines/workspace.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import posixpath
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from uniloom.pipelines.codehash import Sources
 from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.data.fs import is_local, join, open_fs, store_error, to_uri
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.terminal import Terminal
+from uniloom.pipelines.workspace import scratch, workspace_uri
 
 
 @dataclass
@@ -75,16 +80,46 @@ def fingerprint(stage: Stage, cfg: UniloomConfig, upstream: dict[str, str], code
 
 
 class State:
-    """`<workspace>/workflow.json`: per stage, its fingerprint and last result."""
+    """Per stage, its fingerprint and last result. On a local disk `<workspace>/workflow.json`,
+    replaced by rename. An object store has no atomic rename, so there each write is a new
+    version `<workspace>/workflow/<n>.json`, created only where absent (a conditional PUT on
+    S3): a version appears whole, and a second run that writes the same workspace fails
+    instead of dropping the other's stages. The newest KEEP versions are kept."""
 
-    def __init__(self, workspace: Path):
-        self.path = workspace / "workflow.json"
+    KEEP = 4
+
+    def __init__(self, workspace: str, storage_options: dict[str, Any] | None = None):
+        self.fs, root = open_fs(workspace, storage_options)
+        self.local = is_local(self.fs)
+        self.storage_options = storage_options
         self.stages: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
+        if self.local:
+            self.fs.makedirs(root, exist_ok=True)
+            self.path = join(root, "workflow.json")
+            raw = self.fs.cat_file(self.path) if self.fs.isfile(self.path) else None
+        else:
+            self.folder = join(root, "workflow")
+            self.versions = sorted(
+                int(m[1]) for p in self._list() if (m := re.fullmatch(r"(\d+)\.json", posixpath.basename(p)))
+            )
+            self.path = self._version(self.versions[-1] if self.versions else 0)
+            raw = self.fs.cat_file(self.path) if self.versions else None
+        if raw is not None:
             try:
-                self.stages = json.loads(self.path.read_text())["stages"]
+                self.stages = json.loads(raw)["stages"]
             except (ValueError, KeyError):
-                raise UniloomError(f"{self.path} is corrupt: delete it to rerun every stage") from None
+                raise UniloomError(
+                    f"{to_uri(self.fs, self.path)} is corrupt: delete it to rerun every stage"
+                ) from None
+
+    def _list(self) -> list[str]:
+        try:
+            return self.fs.ls(self.folder, detail=False)
+        except FileNotFoundError:
+            return []
+
+    def _version(self, n: int) -> str:
+        return join(self.folder, f"{n:06d}.json")
 
     def fresh(self, name: str, fp: str) -> StageResult | None:
         """The stored result when the fingerprint matches and every output still exists."""
@@ -92,8 +127,10 @@ class State:
         if not entry or entry["fingerprint"] != fp:
             return None
         result = StageResult(entry["outputs"], entry["metrics"])
-        if not all(Path(p).exists() for p in result.outputs.values()):
-            return None
+        for uri in result.outputs.values():
+            fs, path = open_fs(uri, self.storage_options)
+            if not fs.exists(path):
+                return None
         return result
 
     def record(self, name: str, fp: str, result: StageResult, seconds: float, run_id: str | None) -> None:
@@ -105,9 +142,29 @@ class State:
             "mlflow_run_id": run_id,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        data = json.dumps({"stages": self.stages}, indent=2, sort_keys=True).encode()
+        if self.local:
+            self.fs.pipe_file(self.path + ".tmp", data)
+            os.replace(self.path + ".tmp", self.path)
+            return
+        n = (self.versions[-1] if self.versions else 0) + 1
+        path = self._version(n)
+        try:
+            with store_error(self.fs, "write", path):
+                self.fs.pipe_file(path, data, mode="create")
+        except UniloomError as e:
+            if not isinstance(e.__cause__, FileExistsError):
+                raise
+            raise UniloomError(
+                f"{to_uri(self.fs, path)} was written by another run of this workspace meanwhile: "
+                "run one `uniloom run` per workspace"
+            ) from None
+        self.versions.append(n)
+        self.path = path
+        for old in self.versions[: -self.KEEP]:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._version(old))
+        self.versions = self.versions[-self.KEEP :]
 
 
 @dataclass
@@ -134,10 +191,11 @@ def run_workflow(
     `terminal`: where the bars go (default: this process's stderr; logs under
     `<workspace>/logs`). A Ray instance the stages started is shut down at the end, its
     last words into the logs."""
-    workspace = Path(cfg.workspace)
-    workspace.mkdir(parents=True, exist_ok=True)
-    state = State(workspace)
-    terminal = terminal or Terminal(workspace / "logs")
+    from uniloom.pipelines.tracking import tracking_uri
+
+    tracking_uri(cfg)  # a store other nodes cannot reach fails here, before anything is written
+    state = State(workspace_uri(cfg), cfg.data.storage_options)
+    terminal = terminal or Terminal(scratch(cfg, "logs"))
     ray_was_up = _ray_up()
     with terminal.captured():
         try:

@@ -1,7 +1,7 @@
 """The stages of `uniloom run`, in order, each a thin call into the module that owns it.
 
-corpus -> tokenizer (MingTok MIM training on the corpus) -> data (filter + pre-tokenize
-with the trained MingTok) -> train (the unified model's recipe) -> eval -> register
+corpus -> tokenizer (tokenizer.kind: MingTok, UniTok or TUNA trained on the corpus) ->
+data (filter + pre-tokenize with the trained tokenizer) -> train (the unified model's recipe) -> eval -> register
 (the `champion` alias of each model moves only when its gate in `eval:` passes).
 """
 
@@ -11,24 +11,22 @@ import copy
 import hashlib
 import json
 import math
+import posixpath
 import time
-from pathlib import Path
 from typing import Any
 
 from uniloom.pipelines import progress
 from uniloom.pipelines.config import UniloomConfig, to_dict
+from uniloom.pipelines.data.fs import open_fs
 from uniloom.pipelines.workflow import Stage, StageResult, code_fingerprint
+from uniloom.pipelines.workspace import fetch, is_remote, publish, scratch, workspace_uri
 
-MINGTOK_NAME = "uniloom-mingtok"
+MINGTOK_NAME = "uniloom-mingtok"  # the default kind's; every kind's is kinds.py `registered_name`
 UNIVISION_NAME = "uniloom-univision"
 # train: keys that decide where a run is stored, what is kept and reported, and the Ray
 # resources it asks, not its weights
 NOT_WEIGHTS = ("shards", "run_name", "storage", "export", "register", "max_failures", "keep_checkpoints",
                "log_every", "cpus_per_worker", "read_cpus", "bind_cores")  # fmt: skip
-
-
-def _root(cfg: UniloomConfig) -> Path:
-    return Path(cfg.workspace).resolve()
 
 
 def _echo(line: str) -> None:
@@ -51,10 +49,15 @@ def _corpus(cfg: UniloomConfig, _: dict[str, StageResult]) -> StageResult:
         done += samples
         progress.report("corpus", done, cfg.corpus.num, "samples")
 
-    shards = synthesize(cfg.corpus, _root(cfg) / "corpus", progress=shard_written)
-    photos = write_photos(_root(cfg) / "photos")
+    local = scratch(cfg)  # the workspace itself when it is a local folder
+    shards = synthesize(cfg.corpus, local / "corpus", progress=shard_written)
+    photos = write_photos(local / "photos")
+    if is_remote(cfg.workspace):  # written here, then stored in the workspace for every node
+        *shards, photos = [
+            publish(cfg, f, workspace_uri(cfg, *f.relative_to(local).parts)) for f in [*shards, photos]
+        ]
     return StageResult(
-        outputs={"corpus": str(shards[0].parent), "photos": str(photos)},
+        outputs={"corpus": posixpath.dirname(str(shards[0])), "photos": str(photos)},
         metrics={"corpus_samples": float(cfg.corpus.num), "corpus_shards": float(len(shards))},
     )
 
@@ -77,21 +80,28 @@ def _tokenizer(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     if version:
         metrics["registered_version"] = float(version)
     # lineage: the corpus MingTok trained on, as the run's dataset and on the version
-    corpus = sorted(Path(cfg.tokenizer.corpus).glob("*.tar"))
-    digest = files_fingerprint(corpus)
+    fs, root = open_fs(cfg.tokenizer.corpus, cfg.data.storage_options)
+    corpus = sorted(fs.glob(posixpath.join(root, "*.tar")))
+    digest = files_fingerprint(fs, corpus)
     log_dataset(summary["mlflow_run_id"], "uniloom-corpus", cfg.tokenizer.corpus, digest,
                 {"shards": len(corpus), "samples": cfg.corpus.num})  # fmt: skip
     if version:
-        describe_version(MINGTOK_NAME, str(version), {"data.fingerprint": digest})
+        describe_version(_tokenizer_name(cfg), str(version), {"data.fingerprint": digest})
     return StageResult(outputs=outputs, metrics=metrics)
 
 
-def files_fingerprint(paths: list[Path]) -> str:
-    """Hash of the files' names and contents."""
+def _tokenizer_name(cfg: UniloomConfig) -> str:
+    from uniloom.pipelines.tokenizer.kinds import kind_of
+
+    return kind_of(cfg).registered_name
+
+
+def files_fingerprint(fs, paths: list[str]) -> str:
+    """Hash of the files' names and contents (`paths` on fsspec filesystem `fs`)."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
-            digest.update(path.name.encode() + hashlib.file_digest(f, "sha256").digest())
+        with fs.open(path, "rb") as f:
+            digest.update(posixpath.basename(path).encode() + hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:16]
 
 
@@ -103,8 +113,8 @@ def _data(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     cfg = copy.deepcopy(cfg)
     cfg.data.tokenizer_weights = done["tokenizer"].outputs["weights"]
     init_ray(cfg.ray)
-    output = str(_root(cfg) / "data")
-    inputs = [done["corpus"].outputs["corpus"], str(Path(done["corpus"].outputs["photos"]).parent)]
+    output = workspace_uri(cfg, "data")
+    inputs = [done["corpus"].outputs["corpus"], posixpath.dirname(done["corpus"].outputs["photos"])]
     total, counts, start = len(discover(inputs, cfg.data)), {"shards": 0, "images": 0}, time.perf_counter()
 
     def committed(shard: str, rows: dict[str, Any]) -> None:
@@ -204,9 +214,8 @@ def _eval(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.evaluate.report import format_table, log_evaluation
     from uniloom.pipelines.evaluate.univision import evaluate_bundle, load_bundle, on_device
 
-    bundle = load_bundle(
-        done["train"].outputs["export"], done["data"].outputs["shards"], cfg.data.storage_options
-    )
+    export = str(fetch(cfg, done["train"].outputs["export"]))
+    bundle = load_bundle(export, done["data"].outputs["shards"], cfg.data.storage_options)
     bundle = on_device(bundle, cfg.eval)
     _echo(f"{cfg.eval.scenes} test scenes (corpus seed {cfg.corpus.seed})")
     evaluation = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed, cfg.corpus.max_objects,
@@ -235,10 +244,10 @@ def gate_decisions(cfg: UniloomConfig, tokenizer_metrics: dict, eval_metrics: di
     _, carried_failures = gate_passes(carried, cfg.eval.tokenizer_gate)
     _, uni_failures = gate_passes(eval_metrics, cfg.eval.gate)
     return {
-        MINGTOK_NAME: tok_failures,
+        _tokenizer_name(cfg): tok_failures,
         UNIVISION_NAME: uni_failures
-        + [f"its exported MingTok: {f}" for f in carried_failures]
-        + [f"the tokenizer stage's MingTok: {f}" for f in tok_failures],
+        + [f"its exported tokenizer: {f}" for f in carried_failures]
+        + [f"the tokenizer stage's tokenizer: {f}" for f in tok_failures],
     }
 
 
@@ -248,11 +257,12 @@ def _register(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
 
     client = mlflow.MlflowClient()
     decisions = gate_decisions(cfg, done["tokenizer"].metrics, done["eval"].metrics)
+    tokenizer = _tokenizer_name(cfg)
     versions = {
-        MINGTOK_NAME: done["tokenizer"].metrics.get("registered_version"),
+        tokenizer: done["tokenizer"].metrics.get("registered_version"),
         UNIVISION_NAME: done["train"].metrics.get("registered_version"),
     }
-    figures = {MINGTOK_NAME: done["tokenizer"].metrics, UNIVISION_NAME: done["eval"].metrics}
+    figures = {tokenizer: done["tokenizer"].metrics, UNIVISION_NAME: done["eval"].metrics}
     moved = {}
     for name, failures in decisions.items():
         _echo(f"{name}: gate {'passed' if not failures else 'failed: ' + '; '.join(failures)}")
@@ -262,7 +272,7 @@ def _register(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
         moved[name] = not failures and _set_champion(client, name, versions[name])
     return StageResult(
         metrics={
-            "mingtok_champion": float(moved[MINGTOK_NAME]),
+            f"{cfg.tokenizer.kind}_champion": float(moved[tokenizer]),
             "univision_champion": float(moved[UNIVISION_NAME]),
         }
     )
@@ -312,14 +322,14 @@ def workflow_stages() -> list[Stage]:
         Stage("corpus", ("corpus",), _corpus, description="synthesise the compositional corpus and photos"),
         Stage(
             "tokenizer",
-            ("mingtok", "tokenizer"),
+            ("tokenizer", "mingtok", "unitok", "tuna"),
             _tokenizer,
             ("corpus",),
-            "train MingTok (masked image modeling)",
+            "train the visual tokenizer (tokenizer.kind)",
         ),
         Stage(
             "data",
-            ("data", "mingtok"),
+            ("data", "tokenizer.kind", "mingtok", "unitok", "tuna"),
             _data,
             ("corpus", "tokenizer"),
             "filter and pre-tokenize into Parquet",

@@ -76,6 +76,90 @@ def test_cluster_launcher_and_mlflow_server():
         assert "secretKeyRef" in env[name]["valueFrom"], name
 
 
+# What names a file or folder in a uniloom command line: these options' values, and the
+# `--set` keys that hold paths.
+PATH_OPTIONS = ("--workspace", "--input", "--output", "--out", "--corpus", "--weights", "--model", "--config")
+PATH_KEYS = re.compile(r"^(workspace|\w+\.(corpus|shards|storage|export|tokenizer_weights))=")
+
+
+def cluster_commands() -> list[list[str]]:
+    """The uniloom commands the manifests run on a cluster, as argument lists: the RayJob's
+    entrypoint, and what follows `--` in the `uniloom submit` commands their comments give."""
+    job = _docs(INFRA / "kuberay" / "rayjob.yaml")[0]
+    commands = [shlex.split(job["spec"]["entrypoint"])[1:]]
+    for name in ("kuberay/raycluster.yaml", "cluster-launcher.yaml"):
+        for command in re.findall(r"`(uniloom submit [^`]+)`", (INFRA / name).read_text()):
+            args = shlex.split(command)
+            commands.append(args[args.index("--") + 1 :])
+    return commands
+
+
+def local_paths(args: list[str]) -> list[str]:
+    """The paths in `args` that are no URL: folders of the pod or node the command runs on."""
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a in PATH_OPTIONS]
+    values += [a.split("=", 1)[1] for a in args if PATH_KEYS.match(a)]
+    return [v for v in values if "://" not in v and not v.startswith("models:/")]
+
+
+def test_cluster_commands_keep_every_path_in_a_bucket(monkeypatch):
+    """Nodes share no disk: every path a cluster command names is a URL, its workspace a
+    bucket; and it starts as written, the tracking server coming from the environment."""
+    from uniloom.pipelines.config import load_config
+    from uniloom.pipelines.tracking import tracking_uri
+
+    commands = cluster_commands()
+    assert len(commands) == 3
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_service_url())
+    for args in commands:
+        assert args[0] == "run" and "--workspace" in args, args
+        assert local_paths(args) == [], args
+        workspace = args[args.index("--workspace") + 1]
+        assert workspace.startswith("s3://"), args
+        cfg = load_config(args[args.index("--preset") + 1], overrides=[f"workspace={workspace}"])
+        assert tracking_uri(cfg) == _mlflow_service_url()
+
+
+def test_the_path_check_catches_a_pod_local_folder():
+    assert local_paths(["run", "--workspace", "/home/ray/workspace"]) == ["/home/ray/workspace"]
+    assert local_paths(["train", "--set", "train.storage=/tmp/ray"]) == ["/tmp/ray"]
+    assert local_paths(["run", "--set", "workspace=ws", "--workspace", "gs://b/w"]) == ["ws"]
+
+
+def _mlflow_service_url() -> str:
+    service = next(
+        d
+        for d in _docs(INFRA / "mlflow" / "mlflow.yaml")
+        if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow"
+    )
+    meta = service["metadata"]
+    return (
+        f"http://{meta['name']}.{meta['namespace']}.svc.cluster.local:{service['spec']['ports'][0]['port']}"
+    )
+
+
+def test_every_ray_process_tracks_to_the_mlflow_server_and_reaches_the_bucket():
+    """Every Ray container of the KubeRay manifests gets the MLflow server of infra/mlflow
+    and the storage Secret; the cluster launcher's nodes read the server from the file it
+    copies to them."""
+    url = _mlflow_service_url()
+    job = _docs(INFRA / "kuberay" / "rayjob.yaml")[0]
+    cluster = _docs(INFRA / "kuberay" / "raycluster.yaml")[0]
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == url
+    assert yaml.safe_load((INFRA / "runtime_env.yaml").read_text())["env_vars"]["MLFLOW_TRACKING_URI"] == url
+    for spec in (job["spec"]["rayClusterSpec"], cluster["spec"]):
+        for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+            for container in group["template"]["spec"]["containers"]:
+                assert {"name": "MLFLOW_TRACKING_URI", "value": url} in container["env"]
+                assert {"secretRef": {"name": "uniloom-storage"}} in container["envFrom"]
+    launcher = _docs(INFRA / "cluster-launcher.yaml")[0]
+    env_file = "~/uniloom-mlflow.env"
+    assert env_file in launcher["file_mounts"]
+    starts = [c for c in _launcher_commands(launcher) if "ray start" in c]
+    assert all(c.startswith(f"set -a && . {env_file} && set +a && ") for c in starts)
+    for node in launcher["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"] == {"Name": "uniloom-node"}
+
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _REFERENCE = re.compile(r"\$\(\w+\)|\$\{\w+\}|\$\w+|[~./].*")  # env var or a path to a file
 
@@ -167,7 +251,7 @@ def test_no_dashboard_is_open_beyond_loopback_without_token_auth():
         assert open_dashboards(doc) == [], path
     launcher = _docs(INFRA / "cluster-launcher.yaml")[0]
     starts = [c for c in _launcher_commands(launcher) if "ray start" in c]
-    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)  # every node
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)  # every node
     assert "--dashboard-host=127.0.0.1" in starts[0]
     assert "~/.ray/auth_token" in launcher["file_mounts"]
 

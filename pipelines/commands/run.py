@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 
 from uniloom.pipelines.commands.options import config_options, emit, json_option
 from uniloom.pipelines.tracking import tracking_uri
+from uniloom.pipelines.workspace import scratch, workspace_uri
 
 
 @click.command()
 @click.option(
-    "--workspace", type=click.Path(file_okay=False), help="Workspace directory [config: workspace]."
+    "--workspace",
+    type=click.Path(file_okay=False),
+    help="Workspace: a local folder or a URL, e.g. s3://bucket/prefix [config: workspace].",
 )
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun STAGE even if unchanged (repeatable).")
 @click.option(
     "--verbose",
     is_flag=True,
-    help="Show every stage's own output too, not only its progress (it is in <workspace>/logs either way).",
+    help="Show every stage's own output too, not only its progress (it is in the logs folder either way).",
 )
 @config_options
 @json_option
 def run(workspace: str | None, force: tuple[str, ...], verbose: bool, cfg, as_json: bool) -> None:
     """Corpus -> tokenizer -> data -> training recipe -> evaluation -> registry.
 
-    Each stage shows one progress bar; its full output goes to <workspace>/logs/<stage>.log."""
+    Each stage shows one progress bar; its full output goes to <logs>/<stage>.log: <workspace>/logs, or
+    for a workspace on object storage a folder of this machine's temp folder (the summary names it)."""
     from uniloom.pipelines.errors import UniloomError
     from uniloom.pipelines.terminal import Terminal
     from uniloom.pipelines.workflow import run_workflow
@@ -39,7 +42,7 @@ def run(workspace: str | None, force: tuple[str, ...], verbose: bool, cfg, as_js
     if unknown:
         raise UniloomError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}")
     start = time.perf_counter()
-    logs = Path(cfg.workspace).resolve() / "logs"
+    logs = scratch(cfg, "logs")
     reports, parent_run = run_workflow(cfg, stages, force=force, terminal=Terminal(logs, verbose))
     seconds = time.perf_counter() - start
     click.echo("", err=True)
@@ -53,10 +56,10 @@ def run(workspace: str | None, force: tuple[str, ...], verbose: bool, cfg, as_js
 def summarize(cfg, reports, parent_run: str | None, seconds: float) -> dict:
     """The run's summary (emit redacts the tracking URI's credentials when printing)."""
     return {
-        "workspace": str(Path(cfg.workspace).resolve()),
+        "workspace": workspace_uri(cfg),
         "mlflow_tracking_uri": tracking_uri(cfg),
         "mlflow_parent_run": parent_run,
-        "logs": str(Path(cfg.workspace).resolve() / "logs"),
+        "logs": str(scratch(cfg, "logs")),
         "seconds": round(seconds, 1),
         "ran": [r.name for r in reports if r.status == "ran"],
         "skipped": [r.name for r in reports if r.status == "skipped"],

@@ -1,4 +1,4 @@
-"""`uniloom tokenizer`: train, evaluate and use MingTok."""
+"""`uniloom tokenizer`: train, evaluate and use the visual tokenizer (tokenizer.kind)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from uniloom.pipelines.errors import UniloomError
 
 @click.group()
 def tokenizer() -> None:
-    """MingTok, the continuous unified visual tokenizer."""
+    """The visual tokenizer: MingTok, UniTok or TUNA (--set tokenizer.kind=...)."""
 
 
 @tokenizer.command()
@@ -23,12 +23,12 @@ def tokenizer() -> None:
     help="Safety cap on training time; a run it cuts short says so [tokenizer.max_minutes; 0: none].",
 )  # fmt: skip
 @click.option("--workers", "num_workers", type=int, help="Ray Train workers [tokenizer.num_workers].")
-@click.option("--run-name", help="Ray Train run name; an existing run is resumed [mingtok-<preset>].")
+@click.option("--run-name", help="Ray Train run name; an existing run is resumed [<kind>-<preset>].")
 @click.option("--restart", is_flag=True, help="Discard the run's checkpoints and start afresh.")
 @config_options
 @json_option
 def train(corpus, steps, max_minutes, num_workers, run_name, restart, cfg, as_json) -> None:
-    """Masked-image-modeling training on Ray Train; exports and registers the weights."""
+    """The tokenizer's training on Ray Train; exports and registers the weights."""
     from uniloom.pipelines.tokenizer.train import train_tokenizer
 
     apply_cli_values(
@@ -39,7 +39,7 @@ def train(corpus, steps, max_minutes, num_workers, run_name, restart, cfg, as_js
 
 
 @tokenizer.command(name="eval")
-@click.option("--weights", type=click.Path(dir_okay=False), help="MingTok safetensors [exported path].")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Tokenizer safetensors [exported path].")
 @click.option("--corpus", type=click.Path(file_okay=False), help="Corpus tars [preset: <workspace>/corpus].")
 @click.option("--limit", type=int, help="Held-out images to score [tokenizer.eval_limit; 0: all].")
 @config_options
@@ -49,11 +49,11 @@ def evaluate(weights, corpus, limit, cfg, as_json) -> None:
     from uniloom.pipelines.tokenizer.data import read_tars
     from uniloom.pipelines.tokenizer.evaluate import probe_accuracy, reconstruction_metrics
     from uniloom.pipelines.tokenizer.train import split_shards
-    from uniloom.pipelines.tokenizer.weights import default_path, load_mingtok
+    from uniloom.pipelines.tokenizer.weights import default_path, load_tokenizer
 
     apply_cli_values(cfg, "tokenizer", corpus=corpus, eval_limit=limit)
     path = Path(weights) if weights else default_path(cfg)
-    model = load_mingtok(path)
+    model = load_tokenizer(path)
     _, held = split_shards(cfg)
     samples = read_tars(held, model.cfg.image_size, limit=cfg.tokenizer.eval_limit or None)
     note(f"scoring reconstructions of {len(samples.keys)} held-out images from {len(held)} shard(s)")
@@ -67,7 +67,7 @@ def evaluate(weights, corpus, limit, cfg, as_json) -> None:
 @tokenizer.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="MingTok safetensors [exported path].")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Tokenizer safetensors [exported path].")
 @config_options
 @json_option
 def reconstruct(images, out, weights, cfg, as_json) -> None:
@@ -77,9 +77,9 @@ def reconstruct(images, out, weights, cfg, as_json) -> None:
 
     from uniloom.pipelines.tokenizer.data import decode_image
     from uniloom.pipelines.tokenizer.evaluate import psnr, reconstruct_all
-    from uniloom.pipelines.tokenizer.weights import default_path, load_mingtok
+    from uniloom.pipelines.tokenizer.weights import default_path, load_tokenizer
 
-    model = load_mingtok(Path(weights) if weights else default_path(cfg))
+    model = load_tokenizer(Path(weights) if weights else default_path(cfg))
     decoded = []
     for name in images:  # every file is checked before any is written
         path = Path(name)

@@ -61,6 +61,7 @@ class OutputSpec:
     latent_dtype: str
     text_tokenizer: str
     image_tokenizer: str
+    image_kind: str = "mingtok"  # tokenizer.kind: what the latents column holds (its metadata)
 
 
 @dataclass
@@ -254,7 +255,7 @@ class Committer:
 
 def output_table(kept: pa.Table, source: str, spec: OutputSpec) -> pa.Table:
     """A shard's kept rows (prepared and encoded) -> the output shard's columns."""
-    schema = output_schema(spec.latent_shape, spec.latent_dtype)
+    schema = output_schema(spec.latent_shape, spec.latent_dtype, spec.image_kind)
     if kept.num_rows == 0:
         return schema.empty_table()
     n = kept.num_rows

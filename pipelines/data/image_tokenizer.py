@@ -1,8 +1,11 @@
-"""Image tokenization: MingTok latents in a Ray actor pool, one model load per actor.
+"""Image tokenization in a Ray actor pool, one model load per actor: each image becomes
+its tokenizer kind's values (pipelines/tokenizer/kinds.py): MingTok or TUNA latents as
+floats, UniTok codes as integers.
 
-Only the low-level encoder is materialised: the model is built on the meta device and the
-encoder's weights (plus the latent normalisation buffers) are assigned from the
-safetensors file, so an actor of the paper preset does not hold the two decoders.
+Only the encoding part is materialised: the model is built on the meta device and the
+weights the kind encodes with (`Kind.encoder_prefixes`: MingTok's encoder and latent
+normalisation, UniTok's encoder, projection and codebooks, TUNA's VAE encoder) are
+assigned from the safetensors file, so an actor of the paper preset holds no decoder.
 """
 
 from __future__ import annotations
@@ -15,19 +18,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from uniloom.models.mingtok_config import MingTokConfig
 from uniloom.pipelines.data.fs import open_fs, to_uri
 from uniloom.pipelines.data.schema import fixed_binary, fixed_binary_lists
 from uniloom.pipelines.data.stages import OK
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.tokenizer.kinds import KINDS, kind_for_config, kind_in
 
 HOW_TO = (
     "train the image tokenizer with `uniloom tokenizer train` and pass its weights with "
     "--set data.tokenizer_weights=PATH.safetensors"
 )
-CONFIG_KEY = "mingtok_config"  # safetensors metadata written by pipelines/tokenizer/weights.py
-ENCODER_PREFIXES = ("encoder.",)
-ENCODER_BUFFERS = ("latent_shift", "latent_scale")
 
 
 def read_weights(uri: str, storage_options: dict[str, Any]) -> bytes:
@@ -35,26 +35,29 @@ def read_weights(uri: str, storage_options: dict[str, Any]) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
-        raise UniloomError(f"MingTok weights {uri} do not exist: {HOW_TO}") from None
+        raise UniloomError(f"tokenizer weights {uri} do not exist: {HOW_TO}") from None
 
 
-def weights_config(data: bytes, name: str) -> MingTokConfig | None:
-    """The MingTokConfig that `uniloom tokenizer train` stores in the file's metadata
-    (read from the safetensors header, without torch), or None for a bare state dict."""
+def weights_config(data: bytes, name: str):
+    """The tokenizer config (its type is its kind) that `uniloom tokenizer train` stores in
+    the file's metadata (read from the safetensors header, without torch), or None for a
+    bare state dict."""
     from uniloom.pipelines.config import build
 
     try:
         size = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-        return build(MingTokConfig, json.loads(meta[CONFIG_KEY]), "mingtok") if CONFIG_KEY in meta else None
+        kind = kind_in(meta)
+        return None if kind is None else build(kind.config_cls, json.loads(meta[kind.config_key]), kind.name)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UniloomError(f"MingTok weights {name} are not a safetensors file ({e})") from None
+        raise UniloomError(f"tokenizer weights {name} are not a safetensors file ({e})") from None
 
 
-def resolve_weights(cfg) -> tuple[str, bytes, MingTokConfig]:
-    """(where, bytes, architecture) of the MingTok the data stage encodes with: the
+def resolve_weights(cfg):
+    """(where, bytes, architecture) of the tokenizer the data stage encodes with: the
     configured file, else the tokenizer stage's export in the workspace. The file's own
-    config wins over the preset's `mingtok` section, so any exported tokenizer works."""
+    config (and so its kind) wins over the preset's section of tokenizer.kind, so any
+    exported tokenizer works; a bare state dict is read as tokenizer.kind's."""
     uri = cfg.data.tokenizer_weights
     if not uri:
         from uniloom.pipelines.tokenizer.weights import default_path
@@ -63,38 +66,38 @@ def resolve_weights(cfg) -> tuple[str, bytes, MingTokConfig]:
         fs, path = open_fs(uri, {})
         if not fs.exists(path):
             raise UniloomError(
-                f"no MingTok weights: data.tokenizer_weights is not set and {uri} does not exist; {HOW_TO}"
+                f"no tokenizer weights: data.tokenizer_weights is not set and {uri} does not exist; {HOW_TO}"
             )
     data = read_weights(uri, cfg.data.storage_options)
     uri = to_uri(*open_fs(uri, cfg.data.storage_options))  # absolute: recorded in the manifest
-    return uri, data, weights_config(data, uri) or cfg.mingtok
+    return uri, data, weights_config(data, uri) or KINDS[cfg.tokenizer.kind].config(cfg)
 
 
-def fingerprint(cfg: MingTokConfig, weights: bytes) -> str:
+def fingerprint(cfg, weights: bytes) -> str:
     """Hash of the weights and of the architecture they are loaded into."""
     h = hashlib.sha256(weights)
     h.update(repr(sorted(asdict(cfg).items())).encode())
     return h.hexdigest()[:16]
 
 
-def load_encoder(cfg: MingTokConfig, weights: bytes, name: str, device: str = "cpu"):
-    """MingTok whose `encode` works: encoder and latent buffers loaded, decoders on meta."""
+def load_encoder(cfg, weights: bytes, name: str, device: str = "cpu"):
+    """The tokenizer of config `cfg` whose encoding (`Kind.values`) works: the kind's
+    encoder_prefixes loaded, the rest on meta."""
     import torch
     from safetensors.torch import load as load_safetensors
 
-    from uniloom.models.mingtok import MingTok
-
+    kind = kind_for_config(cfg)
     try:
         state = load_safetensors(weights)
     except Exception as e:  # safetensors raises its own SafetensorError
-        raise UniloomError(f"MingTok weights {name} are not a safetensors file ({e})") from None
-    wanted = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES) or k in ENCODER_BUFFERS}
+        raise UniloomError(f"{kind.name} weights {name} are not a safetensors file ({e})") from None
+    wanted = {k: v for k, v in state.items() if k.startswith(kind.encoder_prefixes)}
     with torch.device("meta"):
-        model = MingTok(cfg)
-    expected = {k for k in model.state_dict() if k.startswith(ENCODER_PREFIXES) or k in ENCODER_BUFFERS}
+        model = kind.build(cfg)
+    expected = {k for k in model.state_dict() if k.startswith(kind.encoder_prefixes)}
     if missing := sorted(expected - set(wanted)):
         raise UniloomError(
-            f"MingTok weights {name} do not fit the config's mingtok section: "
+            f"{kind.name} weights {name} do not fit the config's {kind.name} section: "
             f"{len(missing)} encoder tensors are missing, e.g. {missing[0]}"
         )
     try:
@@ -102,35 +105,40 @@ def load_encoder(cfg: MingTokConfig, weights: bytes, name: str, device: str = "c
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise UniloomError(
-            f"MingTok weights {name} do not fit the config's mingtok section: {first}"
+            f"{kind.name} weights {name} do not fit the config's {kind.name} section: {first}"
         ) from None
     if device != "cpu":
-        model.encoder.to(device)
-        for buffer in ENCODER_BUFFERS:
-            setattr(model, buffer, getattr(model, buffer).to(device))
+        for prefix in kind.encoder_prefixes:
+            part = getattr(model, prefix.rstrip("."))
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
+            else:  # a buffer
+                setattr(model, prefix.rstrip("."), part.to(device))
     return model
 
 
 class Encoder:
     """Actor for map_batches: prepared rows -> rows with `latents` (and `edit_latents`, one
-    list per edit chain), pixels dropped. Torch threads are set here: each actor owns that
-    many cores."""
+    list per edit chain): the kind's values per image token, in the kind's dtype (codes as
+    integers); pixels dropped. Torch threads are set here: each actor owns that many cores."""
 
     def __init__(
         self,
-        mingtok: dict,
+        tokenizer: dict,
         weights_uri: str,
         storage_options: dict,
         exec_cfg: dict,
         latent_dtype: str,
         precision: str = "auto",
+        kind: str = "mingtok",  # `tokenizer` is this kind's config
     ):
         import torch
 
         from uniloom.pipelines.precision import resolve
 
         torch.set_num_threads(exec_cfg["torch_threads"])
-        self.cfg = MingTokConfig(**mingtok)
+        self.kind = KINDS[kind]
+        self.cfg = self.kind.config_cls(**tokenizer)
         # An actor given GPUs (num_gpus = actor_gpus) encodes on one; it refuses to run
         # without the GPU it was given rather than encode on the CPU unnoticed.
         self.device = "cuda" if exec_cfg["actor_gpus"] > 0 else "cpu"
@@ -142,7 +150,8 @@ class Encoder:
         weights = read_weights(weights_uri, storage_options)
         self.model = load_encoder(self.cfg, weights, weights_uri, self.device).eval()
         self.batch = exec_cfg["encode_batch"]
-        self.dtype = np.dtype(latent_dtype)
+        self.dtype = np.dtype(self.kind.dtype(self.cfg, latent_dtype))
+        self.shape = self.kind.token_shape(self.cfg)
         # On a GPU each batch of pixels goes through pinned host memory, so its copy to the
         # GPU runs asynchronously (a pageable array is staged by the driver first).
         S = self.cfg.image_size
@@ -153,7 +162,7 @@ class Encoder:
         )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, S, S, 3) uint8 -> latents (n, N, L) in the output dtype."""
+        """(n, S, S, 3) uint8 -> values (n, N, X) in the output dtype."""
         import torch
 
         from uniloom.pipelines.precision import autocast
@@ -166,13 +175,13 @@ class Encoder:
                     x = self.staging[: len(x)].copy_(x)
                 x = x.to(self.device, non_blocking=True)
                 x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
-                out.append(self.model.encode(x).float().cpu().numpy())
+                values = self.kind.values(self.model, x)
+                out.append((values if values.dtype == torch.long else values.float()).cpu().numpy())
         return np.concatenate(out).astype(self.dtype, copy=False)
 
     def latents(self, column: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
         S = self.cfg.image_size
-        shape = (self.cfg.num_tokens, self.cfg.latent_dim)
-        result = np.zeros((n, *shape), dtype=self.dtype)
+        result = np.zeros((n, *self.shape), dtype=self.dtype)
         if len(rows):
             flat = np.frombuffer(column.take(pa.array(rows)).buffers()[1], dtype=np.uint8)
             result[rows] = self.encode(flat.reshape(len(rows), S, S, 3))
@@ -205,7 +214,7 @@ class Encoder:
             counts = picked.value_lengths().to_numpy(zero_copy_only=False)
             for i, part in zip(rows.tolist(), np.split(flat, np.cumsum(counts)[:-1])):
                 chains[i] = part
-        item = pa.binary(self.cfg.num_tokens * self.cfg.latent_dim * self.dtype.itemsize)
+        item = pa.binary(int(np.prod(self.shape)) * self.dtype.itemsize)
         return fixed_binary_lists(self.encode_chains(chains), item)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -219,15 +228,15 @@ class Encoder:
         return table.append_column("edit_latents", self.chain_latents(edits, np.flatnonzero(has_edit), n))
 
 
-def save_random_weights(cfg: MingTokConfig, path: str, seed: int = 0) -> str:
-    """A seeded, randomly initialised MingTok as safetensors, with its config in the
-    metadata like an exported tokenizer: what benches and tests encode with (the
-    pipeline's speed and correctness do not depend on the weight values)."""
+def save_random_weights(cfg, path: str, seed: int = 0) -> str:
+    """A seeded, randomly initialised tokenizer of config `cfg` (its type is its kind) as
+    safetensors, with its config in the metadata like an exported tokenizer: what benches
+    and tests encode with (the pipeline's speed and correctness do not depend on the
+    weight values)."""
     import torch
     from safetensors.torch import save_file
 
-    from uniloom.models.mingtok import MingTok
-
+    kind = kind_for_config(cfg)
     torch.manual_seed(seed)
-    save_file(MingTok(cfg).state_dict(), path, metadata={CONFIG_KEY: json.dumps(asdict(cfg))})
+    save_file(kind.build(cfg).state_dict(), path, metadata={kind.config_key: json.dumps(asdict(cfg))})
     return path

@@ -47,8 +47,12 @@ CODE = {
         "readers.py", "tars.py", "fields.py", "hub.py", "source.py", "stages.py", "filters.py", "images.py",
         "prepare.py", "schema.py", "dedup.py", "text_tokenizer.py", "image_tokenizer.py", "commit.py",
     ],
-    "uniloom.pipelines": ["precision.py"],  # the encoder's autocast
-    "uniloom.models": ["mingtok.py", "mingtok_config.py", "blocks.py"],  # the encoder, its shapes and blocks
+    "uniloom.pipelines": ["precision.py", "workspace.py"],  # the encoder's autocast; where weights are read
+    "uniloom.pipelines.tokenizer": ["kinds.py"],  # what each kind stores per token
+    "uniloom.models": [  # the encoders, their shapes and blocks
+        "mingtok.py", "mingtok_config.py", "unitok.py", "unitok_config.py", "tuna.py", "tuna_config.py",
+        "blocks.py", "flow_head.py",
+    ],
     "uniloom.kernels": ["flow_block.py", "_triton_flow_block.py"],  # the blocks' SwiGLU op
 }  # fmt: skip
 
@@ -64,7 +68,8 @@ def code_version() -> str:
 
 def config_hash(data: DataConfig, mingtok: Any) -> str:
     """The parts of the config that change rows: `data` without how-to-run knobs and
-    paths (their content is fingerprinted instead), and the MingTok architecture."""
+    paths (their content is fingerprinted instead), and the image tokenizer's architecture
+    (`mingtok`: the config of any kind)."""
     d = dataclasses.asdict(data)
     for operational in ("exec", "storage_options", "tokenizer_weights", "text_tokenizer"):
         d.pop(operational)

@@ -3,7 +3,8 @@ new and stale ones on Ray Data, and commit each shard as it completes.
 
     read task per shard -> blocks of data.exec.block_rows rows
       -> actor pool: Prepare (decode, filter, crop, hash, tokenize text), which Ray Data
-         fuses with the MingTok encoder (latents, edit-target latents): one model per actor
+         fuses with the image tokenizer's encoder (tokenizer.kind's values: latents or
+         codes, and the edit targets'): one model per actor
       -> driver: Committer (dedup, write, manifest record, delete replaced files)
 
 One run at a time per output (pipelines/data/lock.py). Nothing starts Ray when nothing has
@@ -41,6 +42,7 @@ from uniloom.pipelines.data.manifest import (
 )
 from uniloom.pipelines.data.readers import InputShard
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.tokenizer.kinds import kind_for_config, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ def preflight(cfg: UniloomConfig, inputs: list[str], output: str | None = None) 
 
 
 def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool = True) -> dict[str, Any]:
-    """Everything up to the plan: the effective config (the MingTok weights' own
-    architecture, their resolved path), shards, hashes, tokenizers, stage identity."""
-    uri, weights, mingtok = resolve_weights(cfg)
-    cfg = dataclasses.replace(cfg, mingtok=mingtok, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
+    """Everything up to the plan: the effective config (the tokenizer weights' own kind
+    and architecture, their resolved path), shards, hashes, tokenizers, stage identity."""
+    uri, weights, tok_cfg = resolve_weights(cfg)
+    kind = kind_for_config(tok_cfg).name
+    cfg = dataclasses.replace(cfg, **{kind: tok_cfg}, tokenizer=dataclasses.replace(cfg.tokenizer, kind=kind),
+                              data=dataclasses.replace(cfg.data, tokenizer_weights=uri))  # fmt: skip
     d = cfg.data
     skipped: Counter[str] = Counter()
     shards = discover(inputs, d, skipped)
@@ -68,13 +72,14 @@ def prepare_run(cfg: UniloomConfig, inputs: list[str], output: str, train: bool 
     hashes = content_hashes(shards, d.storage_options, manifest.shards)  # only where metadata moved
     text = text_tokenizer.resolve(d, manifest, shards, train)
     stage = StageIdentity(
-        config=config_hash(d, cfg.mingtok),
+        config=config_hash(d, tok_cfg),
         text_tokenizer=text.fingerprint if text else "(to be trained)",
-        image_tokenizer=image_fingerprint(cfg.mingtok, weights),
+        image_tokenizer=image_fingerprint(tok_cfg, weights),
         code=code_version(),
     )
     return {
         "cfg": cfg,
+        "tokenizer": tok_cfg,
         "shards": shards,
         "hashes": hashes,
         "manifest": manifest,
@@ -125,6 +130,7 @@ def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committ
     from uniloom.pipelines.data.source import ShardSource
     from uniloom.pipelines.raycluster import init_ray
 
+    tok_cfg = kind_of(cfg).config(cfg)  # prepare_run set the kind and section of the weights
     start = time.perf_counter()
     ray = init_ray(cfg.ray)
     startup = time.perf_counter() - start
@@ -137,7 +143,7 @@ def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committ
     # nodes where the encoder actors hold half of each, such a task never schedules.
     ds._logical_plan.dag.ray_remote_args["num_cpus"] = e.task_cpus
     ds = ds.map_batches(
-        Prepare(d, cfg.mingtok.image_size, text),
+        Prepare(d, tok_cfg.image_size, text),
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=e.task_cpus,
@@ -145,12 +151,13 @@ def execute(cfg: UniloomConfig, todo: list[InputShard], text, committer: Committ
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs={
-            "mingtok": asdict(cfg.mingtok),
+            "tokenizer": asdict(tok_cfg),
             "weights_uri": d.tokenizer_weights,
             "storage_options": d.storage_options,
             "exec_cfg": asdict(e),
             "latent_dtype": d.latent_dtype,
             "precision": d.precision,
+            "kind": cfg.tokenizer.kind,
         },
         batch_format="pyarrow",
         batch_size=e.encode_batch,
@@ -195,20 +202,8 @@ def _run(
     for sid in p.removed:
         remove_shard(manifest, sid)
     record_touched(manifest, p)
-    recorded = {k: v for k, v in asdict(d).items() if k != "storage_options"}  # may hold secrets
-    manifest.data.update(
-        inputs=[input_uri(uri, d.storage_options) for uri in inputs],
-        config={"preset": cfg.preset, "data": recorded, "mingtok": asdict(cfg.mingtok)},
-        image_tokenizer={"weights": d.tokenizer_weights, "fingerprint": stage.image_tokenizer},
-    )
+    spec = record_run(manifest, state, inputs)
     manifest.save()  # also folds in the records of a killed run
-    spec = OutputSpec(
-        image_size=cfg.mingtok.image_size,
-        latent_shape=(cfg.mingtok.num_tokens, cfg.mingtok.latent_dim),
-        latent_dtype=d.latent_dtype,
-        text_tokenizer=stage.text_tokenizer,
-        image_tokenizer=stage.image_tokenizer,
-    )
     index = _load_index(d, manifest, p.done) if p.todo else DedupIndex(d.filters)
     committer = Committer(manifest, p.todo, state["hashes"], stage, index, spec, on_commit, lock)
     ray_startup = execute(cfg, p.todo, state["text"], committer) if p.todo else 0.0
@@ -218,6 +213,31 @@ def _run(
     seconds = time.perf_counter() - start
     summary = summarize(manifest, p, committer, seconds, ray_startup, swept)
     return {**summary, "skipped_paths": state["skipped_paths"], "withdrawn": withdrawn}
+
+
+def record_run(manifest: Manifest, state: dict[str, Any], inputs: list[str]) -> OutputSpec:
+    """Record in the manifest how this run makes its rows (inputs, config, the image
+    tokenizer's weights, fingerprint and kind); returns what every output row records."""
+    cfg, tok_cfg, stage = state["cfg"], state["tokenizer"], state["stage"]
+    d, kind = cfg.data, kind_for_config(tok_cfg)
+    recorded = {k: v for k, v in asdict(d).items() if k != "storage_options"}  # may hold secrets
+    manifest.data.update(
+        inputs=[input_uri(uri, d.storage_options) for uri in inputs],
+        config={"preset": cfg.preset, "data": recorded, "kind": kind.name, kind.name: asdict(tok_cfg)},
+        image_tokenizer={
+            "weights": d.tokenizer_weights,
+            "fingerprint": stage.image_tokenizer,
+            "kind": kind.name,
+        },
+    )
+    return OutputSpec(
+        image_size=tok_cfg.image_size,
+        latent_shape=kind.token_shape(tok_cfg),
+        latent_dtype=kind.dtype(tok_cfg, d.latent_dtype),
+        text_tokenizer=stage.text_tokenizer,
+        image_tokenizer=stage.image_tokenizer,
+        image_kind=kind.name,
+    )
 
 
 def summarize(manifest: Manifest, p: Plan, committer: Committer, seconds: float, startup: float, swept: int):

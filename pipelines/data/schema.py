@@ -78,12 +78,16 @@ def fixed_binary_lists(items: list[np.ndarray | None], item: pa.DataType) -> pa.
     return pa.ListArray.from_arrays(offsets, values, mask=pa.array([x is None for x in items], pa.bool_()))
 
 
-def output_schema(latent_shape: tuple[int, int], latent_dtype: str) -> pa.Schema:
+def output_schema(latent_shape: tuple[int, int], latent_dtype: str, image_kind: str = "mingtok") -> pa.Schema:
     """The output shards' columns. Constant columns (shape, dtype, tokenizer fingerprints)
-    cost nothing after Parquet's dictionary encoding and survive every reader."""
+    cost nothing after Parquet's dictionary encoding and survive every reader. `latents`
+    holds the image tokenizer kind's values per token (pipelines/tokenizer/kinds.py):
+    floats for MingTok and TUNA latents, integers (latent_dtype int16/int32) for UniTok
+    codes; the kind is in the file's metadata and in the manifest."""
     meta = {
         b"uniloom.latent_shape": str(list(latent_shape)).encode(),
         b"uniloom.latent_dtype": latent_dtype.encode(),
+        b"uniloom.image_kind": image_kind.encode(),
     }
     return pa.schema(
         [

@@ -6,19 +6,22 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from uniloom.models.mingtok_config import MingTokConfig
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.data.config import DataConfig
 from uniloom.pipelines.data.manifest import Manifest
 from uniloom.pipelines.data.runner import prepare_run
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.tokenizer.kinds import KINDS
 
 
 def recorded_config(cfg: UniloomConfig, recorded: dict[str, Any]) -> UniloomConfig:
-    """`cfg` with the data and MingTok sections the last run used (storage options,
-    never recorded, stay those of `cfg`)."""
+    """`cfg` with the data and tokenizer sections the last run used (storage options,
+    never recorded, stay those of `cfg`; a run before the kinds recorded MingTok's)."""
     data = build(DataConfig, {**recorded["data"], "storage_options": cfg.data.storage_options}, "data")
-    return dataclasses.replace(cfg, data=data, mingtok=build(MingTokConfig, recorded["mingtok"], "mingtok"))
+    kind = KINDS[recorded.get("kind", "mingtok")]
+    tok_cfg = build(kind.config_cls, recorded[kind.name], kind.name)
+    tokenizer = dataclasses.replace(cfg.tokenizer, kind=kind.name)
+    return dataclasses.replace(cfg, data=data, tokenizer=tokenizer, **{kind.name: tok_cfg})
 
 
 def status(output: str, inputs: list[str], cfg: UniloomConfig, use_recorded: bool = True) -> dict[str, Any]:

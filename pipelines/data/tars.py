@@ -61,7 +61,7 @@ def refused_member(member: tarfile.TarInfo, cap: int) -> str | None:
     return None
 
 
-def read_samples(f: BinaryIO, cap: int) -> list[TarSample]:
+def read_samples(f: BinaryIO, cap: int = 1 << 62) -> list[TarSample]:
     """Every sample of the tar streamed from `f`, sorted by key. Raises TarError for a file
     that is not a tar (or a truncated one); the stream's own OSErrors pass through."""
     samples: dict[str, TarSample] = {}

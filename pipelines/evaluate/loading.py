@@ -3,11 +3,10 @@ runs:/...) or the path of an exported safetensors file."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from uniloom.pipelines.config import UniloomConfig
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.evaluate.univision import Bundle, load_bundle, on_device
+from uniloom.pipelines.workspace import fetch
 
 
 def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
@@ -32,7 +31,7 @@ def _load(cfg: UniloomConfig, model: str | None) -> Bundle:
         if not hasattr(python_model, "text"):
             raise UniloomError(f"{model} is not a uniloom-univision model")
         return Bundle(python_model.model, python_model.tokenizer, python_model.text, {})
-    path = Path(model or export_path(cfg))
+    path = fetch(cfg, model or export_path(cfg))  # a remote workspace's export: copied here
     if not path.is_file():
         raise UniloomError(f"unknown model {model or path}: no such file or MLflow model URI")
     return load_bundle(str(path), shards_uri(cfg), cfg.data.storage_options)

@@ -1,4 +1,8 @@
-"""The `tokenizer:` config section: how MingTok is trained and evaluated."""
+"""The `tokenizer:` config section: which visual tokenizer the workflow uses (`kind`), and
+how it is trained and evaluated. The kind's architecture is the config section of its name
+(`mingtok:`, `unitok:`, `tuna:`); the MingTok-only keys (masking, teachers, weight_*) are
+ignored by the other kinds, which train with their papers' objectives
+(pipelines/tokenizer/kinds.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,10 @@ from typing import Literal
 
 @dataclass
 class TokenizerConfig:
+    # The visual representation of every stage: mingtok (continuous), unitok (discrete
+    # multi-codebook codes) or tuna (VAE latents through a representation encoder); the
+    # unified model's image_kind follows it (pipelines/config.py)
+    kind: Literal["mingtok", "unitok", "tuna"] = "mingtok"
     corpus: str = ""  # folder of corpus tars; empty: <workspace>/corpus
     heldout_shards: int = 1  # the last shards are never trained on (evaluation)
     steps: int = 2000  # the budget: the schedule runs over these steps on any machine
@@ -49,11 +57,11 @@ class TokenizerConfig:
     cpus_per_worker: float = 1.0  # Ray resources asked per worker
     threads: int = 2  # torch threads per worker
     materialize: bool = True  # keep the decoded corpus in the object store across epochs
-    run_name: str = ""  # Ray Train run; rerunning the same name resumes it. Empty: mingtok-<preset>
+    run_name: str = ""  # Ray Train run; rerunning the same name resumes it. Empty: <kind>-<preset>
     storage: str = ""  # Ray Train storage; empty: <workspace>/ray_results
-    export: str = ""  # consolidated weights; empty: <workspace>/mingtok/mingtok.safetensors
+    export: str = ""  # consolidated weights; empty: <workspace>/<kind>/<kind>.safetensors
     calibrate_latents: bool = True  # set the latent shift/scale to the trained latents' mean/std
-    register: bool = True  # register the result as MLflow model uniloom-mingtok
+    register: bool = True  # register the result as MLflow model uniloom-<kind>
     probe_train: int = 600  # single-object scenes to fit the linear probe on
     probe_test: int = 300  # and to test it on (fresh scenes, never in the corpus)
     eval_limit: int = 0  # held-out images for `tokenizer eval`; 0: all

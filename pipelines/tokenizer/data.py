@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from uniloom.pipelines.data.fs import join, open_fs, to_uri
 from uniloom.pipelines.data.images import square_pixels
-from uniloom.pipelines.data.tars import TarError, TarSample, read_tar_file
+from uniloom.pipelines.data.tars import TarError, TarSample, read_samples
 from uniloom.pipelines.errors import UniloomError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -38,23 +39,25 @@ class Samples:
     meta: list[dict[str, Any]]
 
 
-def shard_paths(corpus: str | Path) -> list[Path]:
-    """The synthetic corpus's tars under `corpus`, in key order."""
-    root = Path(corpus)
-    paths = sorted(root.glob("shapes-*.tar")) if root.is_dir() else []
+def shard_paths(corpus: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The synthetic corpus's tars under `corpus` (a folder or any fsspec URL), in key order."""
+    fs, root = open_fs(str(corpus), storage_options)
+    paths = sorted(fs.glob(join(root, "shapes-*.tar"))) if fs.isdir(root) else []
     if not paths:
         raise UniloomError(
-            f"no corpus shards (shapes-*.tar) in {root}; run `uniloom corpus synth --out {root}`"
+            f"no corpus shards (shapes-*.tar) in {corpus}; run `uniloom corpus synth --out {corpus}`"
         )
-    return paths
+    return [to_uri(fs, p) for p in paths]
 
 
-def tar_samples(path: str | Path) -> list[TarSample]:
+def tar_samples(path: str | Path, storage_options: dict[str, Any] | None = None) -> list[TarSample]:
     """The samples of one corpus tar, each checked to have an image: MingTok trains on
     images only, and a sample without one (or with a member the reader refuses) is a
     broken corpus, never silently dropped."""
     try:
-        samples = read_tar_file(str(path))
+        fs, local = open_fs(str(path), storage_options)
+        with fs.open(local, "rb") as f:
+            samples = read_samples(f)
     except (TarError, OSError) as e:
         raise UniloomError(f"{path}: not a readable tar ({e})") from None
     if refused := next((s for s in samples if s.refused), None):
@@ -75,11 +78,13 @@ def image_of(sample: TarSample, size: int) -> np.ndarray:
     return decode_image(sample.members[ext], size, f"{sample.key}.{ext}")
 
 
-def read_tars(paths: list[Path], size: int, limit: int | None = None) -> Samples:
+def read_tars(
+    paths: list[str], size: int, limit: int | None = None, storage_options: dict[str, Any] | None = None
+) -> Samples:
     """Every sample (image + caption + JSON) of `paths`, decoded at `size`."""
     groups: dict[str, dict[str, bytes]] = {}
     for path in paths:
-        groups.update((s.key, s.members) for s in tar_samples(path))
+        groups.update((s.key, s.members) for s in tar_samples(path, storage_options))
         if limit and len(groups) >= limit:
             break
     keys = sorted(groups)[:limit]

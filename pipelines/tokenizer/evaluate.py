@@ -1,6 +1,7 @@
-"""How good a MingTok is: reconstruction (PSNR, SSIM), whether the scene detector finds
-the held-out scene in the reconstruction, and how linearly its pooled semantic features
-separate the shape and the colour of single-object scenes."""
+"""How good a tokenizer (any kind: pipelines/tokenizer/kinds.py) is: reconstruction (PSNR,
+SSIM), whether the scene detector finds the held-out scene in the reconstruction, and how
+linearly its pooled features (MingTok: semantic) separate the shape and the colour of
+single-object scenes."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from uniloom.models.mingtok import MingTok
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import COLORS, SHAPES, sample_scene, scene_objects
 from uniloom.pipelines.device import device_of
 from uniloom.pipelines.evaluate.detector import detect, scene_recovered
 from uniloom.pipelines.tokenizer.data import Samples, to_uint8, to_unit
+from uniloom.pipelines.tokenizer.kinds import kind_for
 
 PROBE_SEED_OFFSET = 7919  # probe scenes come from seeds no corpus of the same seed uses
 
@@ -48,7 +49,7 @@ def grid_image(originals: np.ndarray, recons: np.ndarray, columns: int = 8) -> I
 
 
 @torch.no_grad()
-def reconstruct_all(model: MingTok, images: np.ndarray, batch: int = 64) -> np.ndarray:
+def reconstruct_all(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """uint8 (B, 3, H, W) in -> uint8 (B, H, W, 3) reconstructions out."""
     model.eval()
     where = device_of(model)
@@ -60,17 +61,16 @@ def reconstruct_all(model: MingTok, images: np.ndarray, batch: int = 64) -> np.n
 
 
 @torch.no_grad()
-def pooled_features(model: MingTok, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Mean-pooled semantic features (B, D) of uint8 images (B, 3, H, W)."""
+def pooled_features(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Mean-pooled features (B, D) of uint8 images (B, 3, H, W) (kinds.py `pooled`)."""
     model.eval()
-    where, out = device_of(model), []
+    where, kind, out = device_of(model), kind_for(model), []
     for i in range(0, len(images), batch):
-        features = model.decode_semantic(model.encode(to_unit(images[i : i + batch], where)))
-        out.append(features.mean(1).float().cpu().numpy())
+        out.append(kind.pooled(model, to_unit(images[i : i + batch], where)).float().cpu().numpy())
     return np.concatenate(out)
 
 
-def reconstruction_metrics(model: MingTok, samples: Samples) -> dict[str, float]:
+def reconstruction_metrics(model, samples: Samples) -> dict[str, float]:
     originals = samples.images.transpose(0, 2, 3, 1)
     recons = reconstruct_all(model, samples.images)
     scored = [(r, m) for r, m in zip(recons, samples.meta) if "objects" in m]
@@ -129,7 +129,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-
     return predict
 
 
-def probe_accuracy(model: MingTok, seed: int, train: int, test: int) -> dict[str, float]:
+def probe_accuracy(model, seed: int, train: int, test: int) -> dict[str, float]:
     size = model.cfg.image_size
     fit_set = probe_scenes(seed + PROBE_SEED_OFFSET, train, size)
     test_set = probe_scenes(seed + 2 * PROBE_SEED_OFFSET, test, size)

@@ -1,7 +1,7 @@
-"""The per-worker training loop of MingTok under Ray Train: masked image modeling with
-the four losses, a cosine schedule over the step budget (a wall-clock cap only as a safety
-net), evaluation and MLflow logging on rank 0, and checkpoints that a rerun of the same run
-resumes from."""
+"""The per-worker training loop of the tokenizer under Ray Train (tokenizer.kind: MingTok's
+masked image modeling, UniTok, TUNA's VAE; step.py TRAININGS): a cosine schedule over the
+step budget (a wall-clock cap only as a safety net), evaluation and MLflow logging on
+rank 0, and checkpoints that a rerun of the same run resumes from."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniloom.models.mingtok import MingTok
 from uniloom.pipelines import device, precision, progress
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.tokenizer.evaluate import grid_image, psnr, reconstruct_all, ssim
-from uniloom.pipelines.tokenizer.step import MIMTraining
+from uniloom.pipelines.tokenizer.kinds import kind_of
+from uniloom.pipelines.tokenizer.step import TRAININGS, TokenizerTraining
 from uniloom.pipelines.tracking import RunLogger
 
 
-def evaluate_during_training(model: MingTok, images: np.ndarray) -> tuple[dict[str, float], Any]:
+def evaluate_during_training(model, images: np.ndarray) -> tuple[dict[str, float], Any]:
     recons = reconstruct_all(model, images)
     originals = images.transpose(0, 2, 3, 1)
     model.train()
@@ -91,7 +91,7 @@ class Budget:
     def warning(self, step: int) -> str:
         return (
             f"WARNING: the {self.cap_s / 60:g}-minute safety cap (tokenizer.max_minutes) ended "
-            f"MingTok training after {step} of {self.steps} planned steps: this model is "
+            f"tokenizer training after {step} of {self.steps} planned steps: this model is "
             "undertrained; raise the cap or lower tokenizer.steps"
         )
 
@@ -120,7 +120,7 @@ def train_loop(config: dict[str, Any]) -> None:
     where = device.resolve(t.device, device.local_gpus(), "tokenizer.device")  # the GPUs Ray gave it
     if where == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())
-    training = MIMTraining(cfg.mingtok, t, config["text"], where)
+    training = TRAININGS[t.kind](kind_of(cfg).config(cfg), t, config["text"], where)
     state = {"step": 0, "elapsed": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -170,11 +170,11 @@ def _log(
     tracker: RunLogger, values: dict, step: int, steps: int, elapsed: float, images_per_s: float
 ) -> None:
     tracker.metrics({**values, "elapsed_s": elapsed, "images_per_s": images_per_s}, step)
-    progress.report("tokenizer", step, steps, "steps", {"loss": f"{values['loss/total']:.4f}",
-                    "pixel": f"{values['loss/pixel']:.4f}", "images/s": f"{images_per_s:.1f}"})  # fmt: skip
+    progress.report("tokenizer", step, steps, "steps",
+                    {"loss": f"{values['loss/total']:.4f}", "images/s": f"{images_per_s:.1f}"})  # fmt: skip
 
 
-def _evaluate(tracker: RunLogger, model: MingTok, eval_images: np.ndarray, step: int) -> None:
+def _evaluate(tracker: RunLogger, model, eval_images: np.ndarray, step: int) -> None:
     if not len(eval_images):
         return
     metrics, grid = evaluate_during_training(model, eval_images)
@@ -183,7 +183,7 @@ def _evaluate(tracker: RunLogger, model: MingTok, eval_images: np.ndarray, step:
     print(f"[tokenizer] step {step} held-out PSNR {metrics['eval/psnr']:.2f} dB", file=sys.stderr, flush=True)
 
 
-def _report(state: dict, loss: float, rank: int, training: MIMTraining) -> None:
+def _report(state: dict, loss: float, rank: int, training: TokenizerTraining) -> None:
     import ray.train
 
     metrics = {**state, "loss": loss}

@@ -1,5 +1,7 @@
-"""MingTok in the MLflow model registry as `uniloom-mingtok`: a pyfunc that turns images
-(B, H, W, 3) uint8 into normalised latents (B, N, 32)."""
+"""The tokenizer in the MLflow model registry as `uniloom-<kind>` (uniloom-mingtok,
+uniloom-unitok, uniloom-tuna): a pyfunc that turns images (B, H, W, 3) uint8 into the
+kind's image tokens (B, N, X): MingTok's normalised latents, UniTok's codes, TUNA's
+normalised VAE latent tokens (pipelines/tokenizer/kinds.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,17 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-REGISTERED_NAME = "uniloom-mingtok"
 
-
-class MingTokPyfunc(mlflow.pyfunc.PythonModel):
+class TokenizerPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from uniloom.pipelines.device import local_device
-        from uniloom.pipelines.tokenizer.weights import load_mingtok
+        from uniloom.pipelines.tokenizer.kinds import kind_for
+        from uniloom.pipelines.tokenizer.weights import load_tokenizer
 
-        self.model = load_mingtok(context.artifacts["weights"]).to(local_device())  # the server's GPU if any
+        self.model = load_tokenizer(context.artifacts["weights"]).to(
+            local_device()
+        )  # the server's GPU if any
+        self.kind = kind_for(self.model)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import torch
@@ -29,28 +33,36 @@ class MingTokPyfunc(mlflow.pyfunc.PythonModel):
         images = np.asarray(model_input, dtype=np.uint8)  # (B, H, W, 3)
         x = to_unit(images.transpose(0, 3, 1, 2), device_of(self.model))
         with torch.no_grad():
-            return self.model.encode(x).float().cpu().numpy()
+            values = self.kind.values(self.model, x)
+        return values.cpu().numpy() if values.dtype == torch.long else values.float().cpu().numpy()
 
 
-def log_and_register(weights: Path, image_size: int, num_tokens: int, latent_dim: int, register: bool):
-    """Log the pyfunc into the active run; register it when `register`. Returns the model
-    info. MLflow checks that the logged model loads and encodes its input example (one
-    mid-grey image) before the run goes on."""
+def log_and_register(weights: Path, kind, tok_cfg, float_dtype: str, register: bool):
+    """Log the pyfunc of `kind` (its config `tok_cfg`) into the active run; register it
+    when `register`. Returns the model info. MLflow checks that the logged model loads and
+    encodes its input example (one mid-grey image) before the run goes on."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     from uniloom.pipelines.tracking import pinned_requirements
 
+    size = tok_cfg.image_size
+    codes = np.issubdtype(np.dtype(kind.dtype(tok_cfg, float_dtype)), np.integer)
+    out = TensorSpec(np.dtype(np.int64 if codes else np.float32), (-1, *kind.token_shape(tok_cfg)),
+                     "codes" if codes else "latents")  # fmt: skip
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_tokens, latent_dim), "latents")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")]), outputs=Schema([out])
     )
     return mlflow.pyfunc.log_model(
-        name="mingtok",
+        name=kind.name,
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
         artifacts={"weights": str(weights)},
         signature=signature,
-        input_example={"images": np.full((1, image_size, image_size, 3), 128, np.uint8)},
+        input_example={"images": np.full((1, size, size, 3), 128, np.uint8)},
         pip_requirements=pinned_requirements("torch", "numpy", "safetensors", "mlflow", "uniloom"),
-        registered_model_name=REGISTERED_NAME if register else None,
+        registered_model_name=kind.registered_name if register else None,
     )
+
+
+# The name the models-from-code files of versions logged before the kinds import.
+MingTokPyfunc = TokenizerPyfunc

@@ -1,5 +1,6 @@
-"""The consolidated MingTok weights that every later stage loads: one safetensors file
-whose metadata carries the MingTokConfig, so the file alone rebuilds the model."""
+"""The consolidated tokenizer weights that every later stage loads: one safetensors file
+whose metadata carries the kind's config (`<kind>_config`: pipelines/tokenizer/kinds.py),
+so the file alone rebuilds the model."""
 
 from __future__ import annotations
 
@@ -10,25 +11,27 @@ from pathlib import Path
 
 import torch
 
-from uniloom.models.mingtok import MingTok, MingTokConfig
+from uniloom.models.mingtok import MingTok
 from uniloom.pipelines.config import UniloomConfig, build
 from uniloom.pipelines.errors import UniloomError
-
-CONFIG_KEY = "mingtok_config"
-
-
-def default_path(cfg: UniloomConfig) -> Path:
-    return Path(cfg.tokenizer.export or Path(cfg.workspace) / "mingtok" / "mingtok.safetensors")
+from uniloom.pipelines.tokenizer.kinds import kind_for, kind_in
+from uniloom.pipelines.workspace import workspace_uri
 
 
-def save_mingtok(model: MingTok, path: Path, extra: dict[str, str] | None = None) -> Path:
+def default_path(cfg: UniloomConfig) -> str:
+    """tokenizer.export, else `<workspace>/<kind>/<kind>.safetensors` (a URL on a remote workspace)."""
+    kind = cfg.tokenizer.kind
+    return cfg.tokenizer.export or workspace_uri(cfg, kind, f"{kind}.safetensors")
+
+
+def save_tokenizer(model, path: Path, extra: dict[str, str] | None = None) -> Path:
     """Write atomically: readers never see half a file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg)), **(extra or {})}
+    meta = {kind_for(model).config_key: json.dumps(dataclasses.asdict(model.cfg)), **(extra or {})}
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
@@ -41,22 +44,32 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_mingtok(path: str | Path) -> MingTok:
-    """A MingTok in eval mode from an exported file (config included)."""
+def load_tokenizer(path: str | Path, expected: str | None = None):
+    """A tokenizer of the file's kind (`expected`: refuse any other) in eval mode from an
+    exported file (config included)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    what = f"{expected} " if expected else "tokenizer "
     if not path.is_file():
-        raise UniloomError(f"MingTok weights {path} do not exist; run `uniloom tokenizer train` first")
+        raise UniloomError(f"{what}weights {path} do not exist; run `uniloom tokenizer train` first")
     try:
         meta = read_metadata(path)
-        cfg = build(MingTokConfig, json.loads(meta[CONFIG_KEY]), "mingtok")
-        model = MingTok(cfg)
+        kind = kind_in(meta)
+        if kind is None:
+            raise KeyError("no tokenizer config in its metadata")
+        if expected and kind.name != expected:
+            raise UniloomError(f"{path} holds a {kind.name} tokenizer, not a {expected} one")
+        model = kind.build(build(kind.config_cls, json.loads(meta[kind.config_key]), kind.name))
         model.load_state_dict(load_file(str(path)))
     except (SafetensorError, KeyError, json.JSONDecodeError, RuntimeError, OSError) as e:
-        raise UniloomError(f"{path}: not a MingTok weights file ({e.__class__.__name__}: {e})") from None
+        raise UniloomError(f"{path}: not a {what}weights file ({e.__class__.__name__}: {e})") from None
     return model.eval()
+
+
+def load_mingtok(path: str | Path) -> MingTok:
+    return load_tokenizer(path, "mingtok")
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ class ShardSet:
     fs: Any
     text_tokenizer: str  # fingerprints recorded by the data stage
     image_tokenizer: str
+    image_kind: str = "mingtok"  # what the latents hold (tokenizer.kind of the data run)
 
 
 def find_shards(uri: str, storage_options: dict[str, Any]) -> ShardSet:
@@ -71,7 +72,18 @@ def find_shards(uri: str, storage_options: dict[str, Any]) -> ShardSet:
     text_fps = {entries[sid]["stage"]["text_tokenizer"] for sid in entries}
     if len(image_fps) > 1 or len(text_fps) > 1:
         raise UniloomError(f"{uri}: shards were made with different tokenizers; rerun `uniloom data run`")
-    return ShardSet(uri, files, fs, text_fps.pop(), image_fps.pop())
+    kind = (manifest.data.get("image_tokenizer") or {}).get("kind", "mingtok")  # older runs: MingTok's
+    return ShardSet(uri, files, fs, text_fps.pop(), image_fps.pop(), kind)
+
+
+def check_image_kind(shards: ShardSet, image_kind: str) -> None:
+    """A model reads one kind of image token: refuse shards of another, in one line."""
+    if shards.image_kind != image_kind:
+        raise UniloomError(
+            f"shards in {shards.uri} hold {shards.image_kind} image tokens, but the model reads {image_kind} "
+            f"(model.image_kind follows tokenizer.kind): run with --set tokenizer.kind={shards.image_kind}, "
+            f"or rerun `uniloom data run` with a {image_kind} tokenizer"
+        )
 
 
 def check_image_tokenizer(shards: ShardSet, fingerprint: str, weights: str) -> None:
@@ -98,6 +110,37 @@ def read_dataset(shards: ShardSet, t: TrainConfig):
         columns=COLUMNS,
         num_cpus=t.read_cpus,
     )
+
+
+def coarse_centers(shards: ShardSet, k: int, seed: int, max_latents: int = 65536, iters: int = 25):
+    """MingTok's coarse codes (model.coarse_codes): k-means centres (k, C) of the shards'
+    image latents, read from the first files up to `max_latents`, so every run over the
+    same shards gets the same centres. An empty cluster restarts at a random latent."""
+    import pyarrow.parquet as pq
+    import torch
+
+    chunks, n = [], 0
+    for path in shards.files:
+        with shards.fs.open(path, "rb") as f:
+            rows = pq.read_table(f, columns=["latents", "latent_shape", "latent_dtype"]).to_pylist()
+        for row in rows:
+            chunks.append(_latents(row["latents"], row["latent_shape"], row["latent_dtype"]))
+            n += chunks[-1].shape[0]
+            if n >= max_latents:
+                break
+        if n >= max_latents:
+            break
+    if n < k:
+        raise UniloomError(f"model.coarse_codes is {k} but the shards in {shards.uri} hold {n} image latents")
+    x = torch.cat(chunks)[:max_latents]
+    gen = torch.Generator().manual_seed(seed)
+    centers = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+    for _ in range(iters):
+        nearest = torch.cdist(x, centers).argmin(-1)
+        for j in range(k):
+            members = x[nearest == j]
+            centers[j] = members.mean(0) if len(members) else x[torch.randint(len(x), (1,), generator=gen)[0]]
+    return centers
 
 
 # ----------------------------------------------------------------------------- rows -> samples

@@ -83,6 +83,8 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee = Trainee(cfg.model, cfg.mingtok)
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
+        if job.get("coarse_centers"):
+            trainee.model.set_coarse_centers(torch.tensor(job["coarse_centers"]))
     on_cpu = worker_device(t) == "cpu"  # shared memory carries CPU tensors only
     expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and on_cpu)
     if world > 1:

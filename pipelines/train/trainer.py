@@ -31,7 +31,14 @@ from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.data.fs import join, open_fs, to_uri
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train import recipe
-from uniloom.pipelines.train.data import check_image_tokenizer, find_shards, read_dataset
+from uniloom.pipelines.train.data import (
+    check_image_kind,
+    check_image_tokenizer,
+    coarse_centers,
+    find_shards,
+    read_dataset,
+)
+from uniloom.pipelines.workspace import local_for, publish, ray_storage, workspace_uri
 
 REGISTERED_NAME = "uniloom-univision"
 PREFIXES = "uniloom-prefixes.json"  # in a run's folder: {"prefixes": {stage: prefix fingerprint}}
@@ -55,15 +62,11 @@ def ray_output_on_stderr():
 
 
 def shards_uri(cfg: UniloomConfig) -> str:
-    from pathlib import Path
-
-    return cfg.train.shards or str(Path(cfg.workspace).resolve() / "data")
+    return cfg.train.shards or workspace_uri(cfg, "data")
 
 
 def storage_uri(cfg: UniloomConfig) -> str:
-    from pathlib import Path
-
-    return cfg.train.storage or str(Path(cfg.workspace).resolve() / "ray_results")
+    return cfg.train.storage or workspace_uri(cfg, "ray_results")
 
 
 def run_name(cfg: UniloomConfig) -> str:
@@ -71,9 +74,8 @@ def run_name(cfg: UniloomConfig) -> str:
 
 
 def export_path(cfg: UniloomConfig) -> str:
-    from pathlib import Path
 
-    return cfg.train.export or str(Path(cfg.workspace).resolve() / "univision" / "univision.safetensors")
+    return cfg.train.export or workspace_uri(cfg, "univision", "univision.safetensors")
 
 
 def effective_config(cfg: UniloomConfig) -> tuple[UniloomConfig, str]:
@@ -181,6 +183,7 @@ def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[st
     `effective_config` returns it)."""
     d = cfg.data
     shards = find_shards(shards_uri(cfg), d.storage_options)
+    check_image_kind(shards, cfg.model.image_kind)
     check_image_tokenizer(shards, image_fp, d.tokenizer_weights)
     tok = text_tokenizer(shards.uri, d.storage_options)
     if tok.get_vocab_size() > cfg.model.vocab_size:
@@ -189,7 +192,11 @@ def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[st
             f"{cfg.model.vocab_size}: set model.vocab_size >= {tok.get_vocab_size()}"
         )
     prompt_ids = [tok.encode(p, add_special_tokens=False).ids for p in cfg.train.eval_prompts]
+    coarse = (
+        cfg.model.coarse_codes and coarse_centers(shards, cfg.model.coarse_codes, cfg.train.seed).tolist()
+    )
     return {
+        "coarse_centers": coarse or None,  # a fresh model's; a checkpoint carries its own
         "cfg": to_dict(cfg),
         "stages": stages,
         "image_tokenizer": image_fp,
@@ -218,16 +225,6 @@ def _mlflow_run(cfg: UniloomConfig, fs, run_dir: str, name: str) -> tuple[str, s
         return run.info.run_id
 
     return mlflow.get_tracking_uri(), resolve_run(fs, run_dir, create)
-
-
-def _storage_filesystem(storage: str, storage_options: dict):
-    """Ray Train's pyarrow filesystem for a URL storage (None: a local path)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from uniloom.pipelines.data.fs import is_local
-
-    fs, path = open_fs(storage, storage_options)
-    return (None, storage) if is_local(fs) else (PyFileSystem(FSSpecHandler(fs)), path)
 
 
 def worker_resources(t, workers: int) -> tuple[Any, Any]:
@@ -261,7 +258,7 @@ def run_trainer(cfg: UniloomConfig, job: dict[str, Any], workers: int):
     options = ray.data.ExecutionOptions()
     options.preserve_order = True  # the split's assignment of rows to workers follows the seed
     dataset = read_dataset(job.pop("shards"), t)
-    filesystem, storage = _storage_filesystem(storage_uri(cfg), cfg.data.storage_options)
+    filesystem, storage = ray_storage(storage_uri(cfg), cfg.data.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -359,7 +356,8 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
             "started_from": meta.get("started_from"),  # another run's stage end this run started after
         }
         text = text_tokenizer(job["shards_uri"], cfg.data.storage_options)  # embedded: the file stands alone
-        out = export_model(reader, export_path(cfg), metadata, text)
+        out = export_model(reader, local_for(cfg, export_path(cfg)), metadata, text)
+        publish(cfg, out, export_path(cfg))  # on a remote workspace: every node reads it there
     model_info = log_and_register(cfg, out, job, meta)
     version = getattr(model_info, "registered_model_version", None)
     record_lineage(job, cfg.data.storage_options, None if version is None else str(version))
@@ -377,7 +375,7 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
         "loss_curve": losses,
         "resumes": meta["resumes"],
         "started_from": meta.get("started_from"),
-        "export": str(out),
+        "export": export_path(cfg),
         "mlflow_run_id": job["mlflow_run_id"],
         "registered_model": REGISTERED_NAME if cfg.train.register else None,
         "registered_version": getattr(model_info, "registered_model_version", None),

@@ -4,41 +4,15 @@ Ray Train + DeepSpeed, evaluation, registration) with small budgets; then the wo
 run again skips every stage."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from workflowrun import BUDGETS, STAGES
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["corpus", "tokenizer", "data", "train", "eval", "register"]
-BUDGETS = [
-    "corpus.num=320", "corpus.shards=4", "tokenizer.steps=40", "tokenizer.probe_train=60",
-    "tokenizer.probe_test=30", "tokenizer.eval_limit=40", "train.stages.align.steps=3",
-    "train.stages.joint.steps=3", "train.stages.sft.steps=2", "train.stages.edit.steps=2",
-    "train.checkpoint_every=5", "train.curve_scenes=2", "eval.scenes=4", "eval.val_scenes=4", "eval.flow_steps=2",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    import nbclient
-    import nbformat
-
-    work = tmp_path_factory.mktemp("quickstart")
-    os.environ.update(UNILOOM_WORKSPACE=str(work / "ws"), UNILOOM_QUICKSTART_SET=json.dumps(BUDGETS))
-    try:
-        notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-        nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
-                                resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()  # fmt: skip
-    finally:
-        del os.environ["UNILOOM_WORKSPACE"], os.environ["UNILOOM_QUICKSTART_SET"]
-    nbformat.write(notebook, work / "quickstart.executed.ipynb")
-    return work, notebook
 
 
 def _outputs(notebook, kind: str):

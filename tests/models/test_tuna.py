@@ -316,7 +316,7 @@ def test_paper_size(report):
         m = Tuna(cfg)
         z = m.encode(torch.empty(1, 3, 512, 512))
         assert z.shape == (1, 48, 32, 32)
-        assert m.image_tokens(z, torch.ones(1)).shape == (1, 1025, 3584)
+        assert m.image_tokens(z, torch.ones(1)).shape == (1, 1025, 2048)  # the shared backbone's width
         assert m.decode(z).shape == (1, 3, 512, 512)
     counts = m.stage_parameters()
     report(", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))

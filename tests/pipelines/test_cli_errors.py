@@ -73,13 +73,16 @@ MISSING = {
 WRONG = [
     (["generate", "x", "--model", "{text}"], "{text}: not a safetensors file"),
     (["eval", "--model", "{weights}"], "{weights}: not a uniloom-univision export"),
-    (["tokenizer", "eval", "--weights", "{text}"], "{text}: not a MingTok weights file"),
+    (["tokenizer", "eval", "--weights", "{text}"], "{text}: not a tokenizer weights file"),
     (["train", "--config", "{weights}"], "config file {weights}: not a text file"),
     (["submit", "--address", "http://127.0.0.1:9", "--runtime-env", "{weights}", "--", "x"], "{weights}: not a YAML"),
     (["eval", "--set", "tracking.tracking_uri=sqllite:///x.db"], "unknown scheme 'sqllite:'"),
     (["data", "run", "--input", "s4://bucket/x", "--output", "{ws}/out", "--set", "data.tokenizer_weights={weights}"],
      "cannot open s4://bucket/x"),
     (["train", "--set", "train.nope=1"], "unknown config key 'train.nope'"),
+    (["run", "--workspace", "s3://bucket/ws"], "workspace s3://bucket/ws is remote, but no MLflow tracking server is given"),
+    (["run", "--workspace", "s3://bucket/ws", "--set", "tracking.tracking_uri=sqlite:///{ws}/mlflow.db"],
+     "workspace s3://bucket/ws is remote, but the MLflow store sqlite:///{ws}/mlflow.db is a file on this node"),
     (["ui", "--preset", "nope"], "unknown preset 'nope'"),
 ]  # fmt: skip
 

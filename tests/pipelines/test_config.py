@@ -70,3 +70,20 @@ def test_override_values_are_yaml_typed():
         load_config("tiny", overrides=["tokenizer.lr=3e"])
     flat = flatten(to_dict(load_config("tiny")))
     assert flat["corpus.num"] == 2000 and "tracking.experiment" in flat
+
+
+def test_the_tokenizer_kind_is_the_one_source_of_the_models_image_kind():
+    for kind in ("mingtok", "unitok", "tuna"):
+        cfg = load_config("tiny", overrides=[f"tokenizer.kind={kind}"])
+        assert cfg.model.image_kind == kind
+        assert (cfg.model.num_codebooks, cfg.model.codebook_size) == (8, 256)  # the unitok section's
+        assert cfg.tuna.llm_width == cfg.model.hidden
+        assert cfg.model.text_loss_weight == (0.2 if kind == "tuna" else 1.0)  # TUNA's paper weights
+    tuna = load_config("tiny", overrides=["tokenizer.kind=tuna", "model.text_loss_weight=0.5"])
+    assert tuna.model.text_loss_weight == 0.5  # the user's setting wins over the kind's default
+    with pytest.raises(ConfigError, match="'model.image_kind' follows tokenizer.kind"):
+        load_config("tiny", overrides=["model.image_kind=unitok"])
+    with pytest.raises(ConfigError, match="'tuna.llm_width' follows model.hidden"):
+        load_config("tiny", overrides=["tuna.llm_width=64"])
+    with pytest.raises(ConfigError, match="config section 'tuna'.*not divisible"):
+        load_config("tiny", overrides=["model.hidden=130", "model.head_dim=26"])  # 130 / 4 velocity heads

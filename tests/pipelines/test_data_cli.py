@@ -22,7 +22,7 @@ def test_run_without_weights_says_how_to_get_them(cli, corpus):
               "--set", f"workspace={corpus / 'ws'}")  # fmt: skip
     assert out.returncode == 1 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert "no MingTok weights" in line and "uniloom tokenizer train" in line
+    assert "no tokenizer weights" in line and "uniloom tokenizer train" in line
     assert "data.tokenizer_weights" in line
     assert not (corpus / "out").exists()
 

@@ -19,7 +19,7 @@ from uniloom.pipelines.tokenizer.evaluate import fit_linear_probe, grid_image, p
 from uniloom.pipelines.tokenizer.loop import Budget
 from uniloom.pipelines.tokenizer.step import MIMTraining, learning_rate, random_mask
 from uniloom.pipelines.tokenizer.teachers import EMATeacher, Teachers
-from uniloom.pipelines.tokenizer.weights import calibrate_latents, load_mingtok, save_mingtok
+from uniloom.pipelines.tokenizer.weights import calibrate_latents, load_mingtok, save_tokenizer
 
 SMALL = MingTokConfig(
     image_size=32, patch_size=8, enc_width=64, enc_depth=1, enc_heads=2, sem_width=64, sem_depth=2,
@@ -214,7 +214,7 @@ def test_caption_embeddings_are_cached_and_meaningful(tmp_path):
 def test_exported_weights_rebuild_the_same_model(tmp_path):
     model = small_model().eval()
     calibrate_latents(model, images(4))
-    path = save_mingtok(model, tmp_path / "w" / "mingtok.safetensors")
+    path = save_tokenizer(model, tmp_path / "w" / "mingtok.safetensors")
     loaded = load_mingtok(path)
     assert loaded.cfg == SMALL
     with torch.no_grad():

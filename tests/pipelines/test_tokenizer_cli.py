@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from uniloom.models.mingtok import MingTok, MingTokConfig
-from uniloom.pipelines.tokenizer.weights import save_mingtok
+from uniloom.pipelines.tokenizer.weights import save_tokenizer
 
 SMALL = MingTokConfig(
     image_size=32, patch_size=8, enc_width=64, enc_depth=1, enc_heads=2, sem_width=64, sem_depth=1,
@@ -22,7 +22,7 @@ SMALL_SET = [f"--set=mingtok.{k}={v}" for k, v in vars(SMALL).items()]
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     torch.manual_seed(0)
-    return save_mingtok(MingTok(SMALL), tmp_path_factory.mktemp("w") / "mingtok.safetensors")
+    return save_tokenizer(MingTok(SMALL), tmp_path_factory.mktemp("w") / "mingtok.safetensors")
 
 
 def test_reconstruct_writes_one_png_per_input(cli, tmp_path, weights):

@@ -31,7 +31,15 @@ from uniloom.pipelines.data.schema import SOURCE_SCHEMA, output_schema
 from uniloom.pipelines.data.stages import OK
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.train.config import StageConfig
-from uniloom.pipelines.train.data import COLUMNS, Packer, Position, Stream, TaskSampler
+from uniloom.pipelines.train.data import (
+    COLUMNS,
+    Packer,
+    Position,
+    ShardSet,
+    Stream,
+    TaskSampler,
+    coarse_centers,
+)
 
 SMALL = MingTokConfig(
     image_size=32, patch_size=8, enc_width=64, enc_heads=2, enc_depth=1, sem_width=64, sem_heads=2,
@@ -343,3 +351,21 @@ def test_the_tiny_presets_rows_hold_whole_edit_chains_and_conversations():
         chain = editing(z, [(ids(e["instruction"]), z) for e in s["edits"]])
         talk = conversation(z, [(ids(p["question"]), ids(p["answer"])) for p in s["vqa"]])
         assert max(len(chain), len(talk)) <= cfg.train.seq_len, s
+
+
+def test_coarse_centers_are_kmeans_of_the_shards_latents_and_deterministic(shard_file):
+    import fsspec
+
+    shards = ShardSet(str(shard_file.parent), [str(shard_file)], fsspec.filesystem("file"), "t1", "m1")
+    centers = coarse_centers(shards, 4, seed=0)
+    assert centers.shape == (4, 32)
+    assert torch.equal(centers, coarse_centers(shards, 4, seed=0))
+    latents = torch.cat([torch.from_numpy(np.frombuffer(r["latents"], np.float32).reshape(16, 32).copy())
+                         for r in rows_of(shard_file)])  # fmt: skip
+    nearest = torch.cdist(latents, centers).argmin(-1)
+    # each centre is the mean of the latents nearest it (k-means' fixed point), none empty
+    for j in range(4):
+        assert (nearest == j).any()
+        torch.testing.assert_close(centers[j], latents[nearest == j].mean(0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(UniloomError, match="coarse_codes is 100000"):
+        coarse_centers(shards, 100000, seed=0)

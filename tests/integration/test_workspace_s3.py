@@ -1,0 +1,212 @@
+"""A workspace on object storage (moto's S3 server on 127.0.0.1): the workflow state is
+versioned objects, MLflow tracks to a server (a real one on 127.0.0.1) and stores
+artifacts beside the workspace, every stage's outputs are in the bucket (only logs and
+caches stay on this node), and `uniloom run` there equals a run in a local folder."""
+
+import json
+import posixpath
+
+import mlflow
+import pyarrow.dataset as pads
+import pytest
+import s3fs
+from mlflowserver import MlflowServer
+from workflowrun import BUDGETS, STAGES
+
+from uniloom.models.mingtok_config import MingTokConfig
+from uniloom.pipelines.config import CorpusConfig, UniloomConfig, load_config
+from uniloom.pipelines.data.fs import open_fs
+from uniloom.pipelines.data.image_tokenizer import save_random_weights
+from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.workflow import Stage, StageResult, State, run_workflow
+from uniloom.pipelines.workflow_stages import workflow_stages
+from uniloom.pipelines.workspace import scratch, workspace_uri
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "workspace-bucket"
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The bucket, and the environment MLflow's S3 client reads (boto3: it takes no
+    storage options) pointed at moto."""
+    fs = s3fs.S3FileSystem(**s3_server)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by the code under test
+    return fs, s3_server
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = MlflowServer(tmp_path / "server", "alice", "password-of-alice").start()
+    yield s
+    s.stop()
+
+
+def _config(workspace: str, server: MlflowServer, options: dict):
+    cfg = load_config("tiny", overrides=[f"workspace={workspace}"])
+    cfg.data.storage_options = options
+    cfg.tracking.tracking_uri = server.uri()
+    return cfg
+
+
+def test_state_and_artifacts_on_the_object_store(s3, server, tmp_path, monkeypatch):
+    fs, options = s3
+    workspace = f"s3://{BUCKET}/state-and-artifacts"
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+    calls = []
+
+    def corpus(cfg, upstream):
+        calls.append("corpus")
+        fs.pipe_file(f"{BUCKET}/state-and-artifacts/corpus/0.tar", b"tar")
+        mlflow.log_dict({"rows": 3}, "summary.json")
+        return StageResult(outputs={"corpus": f"{workspace}/corpus/0.tar"}, metrics={"rows": 3.0})
+
+    def data(cfg, upstream):
+        calls.append("data")
+        return StageResult(metrics={"rows": upstream["corpus"].metrics["rows"]})
+
+    stages = [Stage("corpus", ("corpus",), corpus), Stage("data", ("data",), data, ("corpus",))]
+    cfg = _config(workspace, server, options)
+    before = mlflow.get_tracking_uri()
+    try:
+        reports, _ = run_workflow(cfg, stages)
+        assert [r.status for r in reports] == ["ran", "ran"]
+        again, _ = run_workflow(cfg, stages)
+        corpus_run = mlflow.MlflowClient(server.uri()).get_run(
+            State(workspace, options).stages["corpus"]["mlflow_run_id"]
+        )
+    finally:
+        mlflow.set_tracking_uri(before)
+
+    assert [r.status for r in again] == ["skipped", "skipped"] and calls == ["corpus", "data"]
+    # one state version per finished stage, the newest holding both
+    versions = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/state-and-artifacts/workflow"))
+    assert versions == ["000001.json", "000002.json"]
+    newest = json.loads(fs.cat_file(f"{BUCKET}/state-and-artifacts/workflow/000002.json"))
+    assert sorted(newest["stages"]) == ["corpus", "data"]
+    # the artifact is on the workspace's store, not the server's folder or this node's
+    artifacts = f"{workspace}/mlartifacts"
+    assert corpus_run.info.artifact_uri.startswith(artifacts)
+    stored = fs.find(f"{BUCKET}/state-and-artifacts/mlartifacts")
+    assert any(p.endswith("/artifacts/summary.json") for p in stored), stored
+    assert not any(p.is_file() for p in (server.root / "artifacts").rglob("*"))
+    assert [p.name for p in tmp_path.iterdir()] == ["server"]
+
+    # a second writer of the same workspace fails instead of dropping the other's stages
+    first, second = State(workspace, options), State(workspace, options)
+    first.record("eval", "fp", StageResult(), 1.0, None)
+    with pytest.raises(UniloomError, match=r"^s3://\S+/workflow/000003.json was written by another run"):
+        second.record("eval", "fp", StageResult(), 1.0, None)
+
+
+def test_a_remote_workspace_with_a_store_on_this_node_fails_before_writing(s3, tmp_path):
+    fs, options = s3
+    cfg = load_config("tiny", overrides=[f"workspace=s3://{BUCKET}/refused"])
+    cfg.data.storage_options = options
+    with pytest.raises(UniloomError, match="no MLflow tracking server is given"):
+        run_workflow(cfg, [Stage("corpus", ("corpus",), lambda cfg, up: StageResult())])
+    assert not fs.exists(f"{BUCKET}/refused")
+
+
+SMALL = MingTokConfig(
+    image_size=32, patch_size=8, enc_width=64, enc_heads=2, enc_depth=1, sem_width=64, sem_heads=2,
+    sem_depth=1, pix_width=64, pix_heads=2, pix_depth=1, pix_patch_size=4,
+)  # fmt: skip
+
+
+def _random_mingtok(cfg, upstream):
+    """Random MingTok weights stored in the workspace: the data stage's input, in place of
+    the tokenizer stage's training (not yet on a remote workspace: see the README)."""
+    local = save_random_weights(SMALL, str(scratch(cfg, "mingtok.safetensors")))
+    target = workspace_uri(cfg, "mingtok", "mingtok.safetensors")
+    fs, path = open_fs(target, cfg.data.storage_options)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.put_file(local, path)
+    return StageResult(outputs={"weights": target})
+
+
+def _corpus_and_data(workspace: str) -> tuple:
+    cfg = UniloomConfig(
+        mingtok=SMALL, workspace=workspace, corpus=CorpusConfig(num=24, shards=3, size=32, seed=4)
+    )
+    cfg.data.bpe_vocab_size = 300
+    stages = {s.name: s for s in workflow_stages()}
+    tokenizer = Stage("tokenizer", ("mingtok",), _random_mingtok, ("corpus",))
+    return cfg, [stages["corpus"], tokenizer, stages["data"]]
+
+
+def test_corpus_and_data_stages_on_s3_equal_a_local_run(s3, server, tmp_path, ray_local, monkeypatch):
+    """The workflow's corpus and data stages with the workspace in a bucket: the same
+    stages run and the same rows come out as with a local folder; a rerun skips every
+    stage; the shards, manifest and state are in the bucket."""
+    fs, options = s3
+    local_cfg, stages = _corpus_and_data(str(tmp_path / "ws"))
+    local, _ = run_workflow(local_cfg, stages)
+    remote_cfg, stages = _corpus_and_data(f"s3://{BUCKET}/corpus-and-data")
+    remote_cfg.data.storage_options = options
+    remote_cfg.tracking.tracking_uri = server.uri()
+    before = mlflow.get_tracking_uri()
+    try:
+        remote, _ = run_workflow(remote_cfg, stages)
+        again, _ = run_workflow(remote_cfg, stages)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+    assert [(r.name, r.status) for r in remote] == [(r.name, r.status) for r in local]
+    assert [r.status for r in again] == ["skipped"] * 3
+    rows = {k: v for k, v in local[2].result.metrics.items() if k != "images_per_s"}
+    assert rows["written"] > 0
+    assert {k: v for k, v in remote[2].result.metrics.items() if k != "images_per_s"} == rows
+    data = remote[2].result.outputs["shards"]
+    assert data == f"s3://{BUCKET}/corpus-and-data/data"
+    table = pads.dataset(f"{BUCKET}/corpus-and-data/data/shards", filesystem=fs).to_table()
+    assert table.num_rows == rows["written"]
+    assert fs.exists(f"{BUCKET}/corpus-and-data/data/_manifest.json")
+    assert remote[0].result.outputs["corpus"] == f"s3://{BUCKET}/corpus-and-data/corpus"
+    assert len(fs.ls(f"{BUCKET}/corpus-and-data/corpus")) == 3
+
+
+def test_uniloom_run_on_s3_equals_a_local_run(quickstart, s3_server, server, tmp_path, cli, report):
+    """`uniloom run --workspace s3://...` with the quickstart's small budgets, credentials
+    and endpoints from the environment as on a cluster (no storage options): the same
+    stages run and the same rows come out as in the quickstart's local folder (the same
+    budgets), both models are registered, and a rerun skips every stage."""
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("run-bucket")
+    sets = [arg for budget in BUDGETS for arg in ("--set", budget)]
+    local = json.loads((quickstart[0] / "ws" / "workflow.json").read_text())["stages"]
+    endpoint = s3_server["endpoint_url"]
+    env = {
+        "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
+        "MLFLOW_TRACKING_URI": server.uri(),
+    }  # fmt: skip
+    command = ["run", "--workspace", "s3://run-bucket/ws", *sets, "--json"]
+    remote = cli(*command, cwd=tmp_path, env=env)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    again = cli(*command, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    second, rerun = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (remote, again))
+    assert sorted(local) == sorted(second["ran"]) and second["ran"] == STAGES and rerun["skipped"] == STAGES
+    rows = ("corpus.corpus_samples", "corpus.corpus_shards", "data.read", "data.written", "data.quarantined")
+    first = {
+        f"{stage}.{name}": value for stage, state in local.items() for name, value in state["metrics"].items()
+    }
+    assert {k: second["metrics"][k] for k in rows} == {k: first[k] for k in rows}
+    assert second["outputs"]["data.shards"] == "s3://run-bucket/ws/data"
+    assert second["outputs"]["train.export"] == "s3://run-bucket/ws/univision/univision.safetensors"
+    assert second["outputs"]["tokenizer.weights"] == "s3://run-bucket/ws/mingtok/mingtok.safetensors"
+    client = mlflow.MlflowClient(server.uri())
+    assert {m.name for m in client.search_registered_models()} == {"uniloom-mingtok", "uniloom-univision"}
+    stored = fs.find("run-bucket/ws")
+    for folder in ("workflow/", "corpus/", "data/shards/", "ray_results/", "mlartifacts/"):
+        assert any(f"run-bucket/ws/{folder}" in p for p in stored), folder
+    assert [p.name for p in tmp_path.iterdir()] == ["server"]  # nothing of the run here
+    report(f"uniloom run, tiny budgets: s3 {second['seconds']} s, s3 rerun {rerun['seconds']} s")
