@@ -217,7 +217,11 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 # What a tokenizer kind changes in the unified model's defaults, under the user's settings:
 # TUNA's paper weighs flow matching 1.0 and next-token prediction 0.2.
-KIND_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"tuna": {"text_loss_weight": 0.2}}
+# Coarse codes are MingTok's (its latents' k-means centres): off for the other kinds.
+KIND_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unitok": {"coarse_codes": 0},
+    "tuna": {"text_loss_weight": 0.2, "coarse_codes": 0},
+}
 # Keys that copy another (what the backbone reads is what the tokenizer writes): each is
 # set from its source, so the two never disagree, and is never set by hand.
 DERIVED = {

@@ -59,9 +59,7 @@ def parameter_counts(cfg: UniloomConfig) -> dict[str, Any]:
             *(layer.attn_norm for layer in layers), *(layer.ffn_norm for layer in layers), model.norm
         ),
         "lm_head": numel(model.lm_head),
-        "projector": numel(model.projector),
-        "vis_head": numel(model.vis_head),
-        "flow_head": numel(model.flow_head),
+        **{name: numel(m) for name, m in model.vision_modules().items()},
         "mingtok_encoder": numel(tok.encoder),
         "mingtok_semantic_decoder": numel(tok.semantic_decoder),
         "mingtok_pixel_decoder": numel(tok.pixel_decoder),

@@ -16,7 +16,8 @@ what, in the unified model:
     image slot        the projector; MingTok's semantic decoder, whose features are the
                       slots' inputs (6x and 12 L W N attention when the stage trains it,
                       2x and 4 L W N, the forward pass, when it is frozen)
-    image target      vis_head, and the flow head flow_batch_mul times (MAR's draws)
+    image target      vis_head, the coarse-code head (model.coarse_codes; its embedding is
+                      a lookup), and the flow head flow_batch_mul times (MAR's draws)
 
 MFU is these FLOPs per second over the device's dense bf16 peak (PEAK_BF16, by device
 name). On a CPU there is no such published peak: MFU is reported as not applicable there,
@@ -88,7 +89,8 @@ class TrainingFlops:
             per_token=6 * (dense + gate + m.experts_per_token * expert * m.num_layers) + attention,
             per_text_target=6 * matmul_weights(model.lm_head),
             per_image_slot=per_slot,
-            per_image_target=6 * matmul_weights(model.vis_head) + m.flow_batch_mul * flow,
+            per_image_target=6 * matmul_weights(model.vis_head, *model.coarse_modules())
+            + m.flow_batch_mul * flow,
         )
 
     def total(self, counts: dict[str, int]) -> float:

@@ -41,7 +41,11 @@ def test_each_presets_counts_add_up_and_match_a_count_by_hand(preset, report):
     counts = parameter_counts(cfg)
     part = lambda names: sum(counts[f"part.{n}"] for n in names)  # noqa: E731
     assert part(BACKBONE) == counts["backbone_total"]
-    assert part(VISION) == counts["vision_total"]
+    coarse = ("coarse_head", "coarse_embed") if cfg.model.coarse_codes else ()
+    assert part(VISION + coarse) == counts["vision_total"]
+    if coarse:  # a head over the hidden state, an embedding of the flow head's width
+        m = cfg.model
+        assert part(coarse) == m.coarse_codes * (m.hidden + m.flow_width)
     assert part(MINGTOK) == counts["mingtok_total"]
     assert counts["total"] == counts["backbone_total"] + counts["vision_total"]
     assert (counts["backbone_total"], counts["active_per_tok"]) == by_hand(cfg)
