@@ -9,7 +9,8 @@ import time
 
 import click
 
-from uniloom.pipelines.commands.options import config_options, emit, json_option
+from uniloom.pipelines.commands.options import apply_cli_values, config_options, emit, json_option, note
+from uniloom.pipelines.tokenizer.kinds import KINDS
 
 
 @click.group()
@@ -192,3 +193,52 @@ def kernels_bench(quick: bool, steps: int, rounds: int, threads: int, cfg, as_js
     device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = bench_kernels(cfg, device, quick, lambda line: click.echo(line, err=True), steps, rounds)
     emit(summary, as_json)
+
+
+@bench.command(name="tokenizers")
+@click.option("--steps", type=int, help="Training steps of every kind: the equal budget [tokenizer.steps].")
+@click.option(
+    "--kind", "kinds", type=click.Choice(list(KINDS)), multiple=True,
+    help="A kind to compare, repeatable [default: all].",
+)  # fmt: skip
+@click.option("--corpus", type=click.Path(file_okay=False), help="Corpus tars [preset: <workspace>/corpus].")
+@click.option("--limit", default=0, show_default=True, help="Held-out images to score; 0: all.")
+@click.option("--grid", default=8, show_default=True, help="Held-out images in the side-by-side grid.")
+@click.option("--batch", default=32, show_default=True, help="Images per timed encode call.")
+@click.option("--rounds", default=3, show_default=True, help="Timed encode rounds, the kinds alternating.")
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads of the scoring.")
+@click.option(
+    "--work", type=click.Path(file_okay=False), help="Runs and exports [default: a temporary folder]."
+)
+@config_options
+@json_option
+def tokenizers_bench(steps, kinds, corpus, limit, grid, batch, rounds, threads, work, cfg, as_json) -> None:
+    """MingTok, UniTok and TUNA trained on the same step budget and corpus, each by
+    `uniloom tokenizer train`'s path, then one table: reconstruction PSNR/SSIM, detector
+    agreement, linear probes (with 95% intervals), tokens and bytes per image in the shards,
+    encode images/s; logged to MLflow with the reconstructions side by side."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from uniloom.pipelines.config import load_config
+    from uniloom.pipelines.tokenizer.bench import bench_tokenizers
+
+    params = click.get_current_context().params  # each kind's config: the same sources + its kind
+    configs = {
+        k: load_config(params["preset"], params["config_file"], [*params["overrides"], f"tokenizer.kind={k}"])
+        for k in kinds or KINDS
+    }
+    for c in (cfg, *configs.values()):
+        apply_cli_values(c, "tokenizer", corpus=corpus)
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="uniloom-bench-tokenizers-") as tmp:
+        summary = bench_tokenizers(
+            cfg, configs, steps, Path(work or tmp), note, limit=limit, rounds=rounds, batch=batch, grid=grid
+        )
+    if as_json:
+        emit(summary, as_json)
+    else:
+        click.echo(summary["table"])
+        emit(summary["shared"] | {"mlflow_run_id": summary["mlflow_run_id"]}, False)

@@ -23,6 +23,7 @@ MISSING = {
     "bench data": [(["--config", "{m}.yaml"], "{m}.yaml")],
     "bench kernels": [(["--config", "{m}.yaml"], "{m}.yaml")],
     "bench tokenizer": [(["--config", "{m}.yaml"], "{m}.yaml")],
+    "bench tokenizers": [(["--config", "{m}.yaml"], "{m}.yaml"), (["--corpus", "{m}"], "{m}")],
     "bench train": [(["--config", "{m}.yaml"], "{m}.yaml")],
     "corpus photos": [(["--out", "{image}/photos"], "{image}/photos")],  # no input: an output under a file
     "corpus synth": [(["--out", "{ws}/corpus", "--config", "{m}.yaml"], "{m}.yaml")],
