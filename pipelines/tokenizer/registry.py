@@ -64,5 +64,37 @@ def log_and_register(weights: Path, kind, tok_cfg, float_dtype: str, register: b
     )
 
 
+WEIGHTS_TAG = "weights.fingerprint"  # on a version: the fingerprint the data stage gives its weights
+
+
+def tag_weights(cfg, name: str, version: str, weights: Path) -> None:
+    """Tag version `version` of `name` with the fingerprint of its weights file as the data
+    stage and training compute it (image_tokenizer.fingerprint of the file's own config),
+    so a run that only has the weights finds the version."""
+    import dataclasses
+
+    from uniloom.pipelines.data.image_tokenizer import fingerprint, resolve_weights
+    from uniloom.pipelines.tracking import describe_version
+
+    local = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_weights=str(weights)))
+    _, blob, tok_cfg = resolve_weights(local)
+    describe_version(name, version, {WEIGHTS_TAG: fingerprint(tok_cfg, blob)})
+
+
+def version_of_weights(name: str, weights_fingerprint: str) -> str | None:
+    """The newest registered version of `name` whose weights have this fingerprint (None:
+    none, or no such registered model)."""
+    from mlflow.exceptions import MlflowException
+
+    from uniloom.pipelines.tracking import mlflow_client
+
+    try:
+        versions = mlflow_client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    found = [int(v.version) for v in versions if v.tags.get(WEIGHTS_TAG) == weights_fingerprint]
+    return str(max(found)) if found else None
+
+
 # The name the models-from-code files of versions logged before the kinds import.
 MingTokPyfunc = TokenizerPyfunc

@@ -154,7 +154,7 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
     from uniloom.pipelines.tokenizer.evaluate import grid_image, probe_accuracy, reconstruction_metrics
     from uniloom.pipelines.tokenizer.kinds import kind_of
     from uniloom.pipelines.tokenizer.loop import Budget
-    from uniloom.pipelines.tokenizer.registry import log_and_register
+    from uniloom.pipelines.tokenizer.registry import log_and_register, tag_weights
     from uniloom.pipelines.tokenizer.text import caption_embeddings
     from uniloom.pipelines.tokenizer.weights import default_path, save_tokenizer
 
@@ -214,6 +214,8 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
         mlflow.log_image(grid, "reconstructions/final.png")
         mlflow.log_artifact(str(weights), artifact_path="weights")
         info = log_and_register(weights, kind, m, cfg.data.latent_dtype, t.register)
+        if getattr(info, "registered_model_version", None):
+            tag_weights(cfg, kind.registered_name, str(info.registered_model_version), weights)
         return {
             "weights": target,
             "run_dir": str(run_dir),

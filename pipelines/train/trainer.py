@@ -282,7 +282,8 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
           tokenizer_version: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Train the requested stages (all: the recipe), export, register; the summary.
     `prefixes`: the recipe's prefix fingerprints (module docstring), None: none kept.
-    `tokenizer_version`: the MingTok's registered version, recorded as the run's lineage."""
+    `tokenizer_version`: the MingTok's registered version, recorded as the run's lineage
+    (None: the registered version tagged with these weights' fingerprint, if any)."""
     from uniloom.pipelines.raycluster import init_ray
 
     started = time.perf_counter()
@@ -291,7 +292,6 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
     stages = recipe.select(t, stage)
     cfg, image_fp = effective_config(cfg)
     job = prepare_job(cfg, stages, image_fp)
-    job["tokenizer_version"] = tokenizer_version
     fs, storage = open_fs(storage_uri(cfg), cfg.data.storage_options)
     run_dir = join(storage, run_name(cfg))
     expert_parallel_size(cfg, workers)
@@ -314,6 +314,12 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
     origin = f" of run {start.run} (from {start.uri})" if start else ""
     echo(f"run {run_name(cfg)} in {storage_uri(cfg)}: {plan.describe()}{origin}")
     job["mlflow_uri"], job["mlflow_run_id"] = _mlflow_run(cfg, fs, run_dir, run_name(cfg))
+    if tokenizer_version is None:  # a standalone `uniloom train`: the version of these weights
+        from uniloom.pipelines.tokenizer.kinds import kind_of
+        from uniloom.pipelines.tokenizer.registry import version_of_weights
+
+        tokenizer_version = version_of_weights(kind_of(cfg).registered_name, image_fp)
+    job["tokenizer_version"] = tokenizer_version
     if start is not None:
         import mlflow
 

@@ -68,6 +68,8 @@ def test_the_workflow_registered_both_models_and_a_rerun_skips_every_stage(quick
     assert float(version.tags["eval.vqa_accuracy"]) >= 0 and "Evaluation: " in version.description
     mingtok = client.get_model_version("uniloom-mingtok", "1")
     assert float(mingtok.tags["eval.psnr"]) > 0 and mingtok.tags["data.fingerprint"]
+    # the weights' fingerprint, by which a standalone `uniloom train` finds this version
+    assert mingtok.tags["weights.fingerprint"] == version.tags["image_tokenizer"]
     (eval_run,) = [r for r in children if r.info.run_name == "eval"]
     samples = json.loads(
         Path(client.download_artifacts(eval_run.info.run_id, "eval/samples.json", str(work))).read_text()
