@@ -46,7 +46,7 @@ from uniloom.pipelines.data.fields import (
 from uniloom.pipelines.data.fs import contained, open_fs
 from uniloom.pipelines.data.schema import RAW_SCHEMA
 from uniloom.pipelines.data.stages import OK, QUARANTINED
-from uniloom.pipelines.data.tars import TarError, read_samples
+from uniloom.pipelines.data.tars import TarError, read_samples, split_name
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -356,43 +356,46 @@ def read_imagefolder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
         yield block
 
 
-def _sidecars(files: dict[str, str], cfg: DataConfig) -> list[str | None]:
-    """A stem's (image, caption, JSON) extensions among `files` (extension -> path)."""
-    cols = cfg.columns
-    return [first(IMAGE_EXTS, files), first(cols.caption, files), first(cols.meta, files)]
+def _is_sample(fields: set[str], cols) -> bool:
+    """Whether a key's fields make a sample: an image of any role, a caption or a JSON."""
+    return any(f.rpartition(".")[2] in IMAGE_EXTS or f in cols.caption or f in cols.meta for f in fields)
 
 
-def _folder_row(files: dict[str, str], data: dict[str, bytes | None], cfg: DataConfig) -> Fields:
-    """One stem's fields, from its files' `data`."""
-    picks, cap = _sidecars(files, cfg), cfg.max_member_bytes
-    image, caption, meta = (data.get(files[e]) if e else None for e in picks)
-    for ext, content in zip(picks, (image, caption, meta)):
-        if content is not None and len(content) > cap:
-            return Fields(reason=_too_big(f"file {posixpath.basename(files[ext])!r}", cap))
-    if picks[0] is None:
+def _folder_row(key: str, files: dict[str, str], data: dict[str, bytes | None], cap: int, cols) -> Fields:
+    """One key's fields, from its files' `data` (field -> path as `files` says)."""
+    if not any(name.rpartition(".")[2] in IMAGE_EXTS for name in files):
         names = ", ".join(sorted(posixpath.basename(p) for p in files.values()))
         return Fields(reason=f"no image file (has: {names})")
-    caption, reason = text(caption)
-    meta, _ = text(meta)
-    return Fields(image, caption, meta, reason=reason)
+    members = {}
+    for name, path in files.items():
+        content = data.get(path)
+        if content is None:
+            return Fields(reason=f"file {posixpath.basename(path)!r} cannot be read")
+        if len(content) > cap:
+            return Fields(reason=_too_big(f"file {posixpath.basename(path)!r}", cap))
+        members[name] = content
+    return member_fields(key, members, cols)
 
 
 def read_folder(shard: InputShard, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Images with sidecars of the same stem: `a.jpg` + `a.txt` (+ optional `a.json`). A
-    caption or JSON sidecar without an image is a row too, quarantined for it."""
+    """Files named as a webdataset tar names its members, unpacked: `a.jpg` + `a.txt`
+    (+ `a.json`); an edit `a.src.png` + `a.tgt.png` + `a.txt`, or `a.json` listing rounds
+    with `a.tgt0.png`, `a.tgt1.png`, ... (pipelines/data/fields.py reads both). A caption
+    or JSON without an image is a row too, quarantined for it."""
     fs, _ = open_fs(shard.uri, cfg.storage_options)
-    by_stem: dict[str, dict[str, str]] = {}
+    by_key: dict[str, dict[str, str]] = {}
     for path in shard.files:
-        stem, ext = posixpath.splitext(path)
-        by_stem.setdefault(stem, {})[ext[1:].lower()] = path
-    stems = sorted(s for s, files in by_stem.items() if any(_sidecars(files, cfg)))
+        key, name = split_name(path)
+        by_key.setdefault(key, {})[name] = path
+    keys = sorted(k for k, files in by_key.items() if _is_sample(set(files), cfg.columns))
     blocks, step = RowBlocks(cfg.exec.block_rows), cfg.exec.block_rows
-    for start in range(0, len(stems), step):
-        chunk = stems[start : start + step]
-        wanted = [by_stem[s][e] for s in chunk for e in _sidecars(by_stem[s], cfg) if e]
-        data = _read_files(fs, wanted, cfg.max_member_bytes)
-        for stem in chunk:
-            if block := blocks.add(posixpath.basename(stem), _folder_row(by_stem[stem], data, cfg)):
+    for start in range(0, len(keys), step):
+        chunk = keys[start : start + step]
+        data = _read_files(fs, [p for k in chunk for p in by_key[k].values()], cfg.max_member_bytes)
+        for key in chunk:
+            name = posixpath.basename(key)
+            row = _folder_row(name, by_key[key], data, cfg.max_member_bytes, cfg.columns)
+            if block := blocks.add(name, row):
                 yield block
     if block := blocks.flush():
         yield block

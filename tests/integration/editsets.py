@@ -1,9 +1,11 @@
 """A small editing set in the layouts public editing sets use (source, instruction, target;
 multi-round chains), written by each format's own library: a webdataset tar, Parquet files
-and a Hugging Face dataset laid out as a Hub repository. `EDITS` and `QUARANTINED` say what
+a Hugging Face dataset laid out as a Hub repository, and a folder of files named as the
+tar's members. `EDITS` and `QUARANTINED` say what
 the data stage should make of each sample."""
 
 import io
+import json
 import os
 
 import datasets
@@ -36,6 +38,8 @@ EDITS = {
     "p-multi": (["crop the top", "blur it"], [231, 232]),
     "h-single": (["mirror it"], [301]),
     "h-multi": (["add a cat", "make it night", "zoom out"], [311, 312, 313]),
+    "f-single": (["paint it blue"], [401]),
+    "f-multi": (["shrink it", "move it left"], [411, 412]),
 }
 QUARANTINED = {
     "w-no-instruction": "edit round 0 has no instruction",
@@ -43,6 +47,7 @@ QUARANTINED = {
     "p-no-target": "edit round 0 has no target image",
     "p-no-instruction": "edit round 0 has no instruction",
     "h-broken": "edit round 1 has no target image",
+    "f-no-instruction": "edit round 0 has no instruction",
 }
 
 
@@ -67,6 +72,23 @@ def write_webdataset(folder) -> None:
         sink.write({
             "__key__": "w-no-target", "src.png": png(140), "json": {"instruction": "x", "target": "gone.png"},
         })  # fmt: skip
+
+
+def write_folder(folder) -> None:
+    """The webdataset layout unpacked into files: `{key}.src.png` + `{key}.tgt.png` +
+    `{key}.txt`, and a JSON listing rounds with `{key}.tgt0.png`, `{key}.tgt1.png`."""
+    os.makedirs(folder)
+    (folder / "f-single.src.png").write_bytes(png(400))
+    (folder / "f-single.tgt.png").write_bytes(png(401))
+    (folder / "f-single.txt").write_text("paint it blue")
+    rounds = [{"instruction": t, "target": f"tgt{r}.png"} for r, t in enumerate(EDITS["f-multi"][0])]
+    (folder / "f-multi.src.png").write_bytes(png(410))
+    (folder / "f-multi.txt").write_text("a picture of blocks")
+    (folder / "f-multi.json").write_text(json.dumps({"edits": rounds}))
+    for r in range(2):
+        (folder / f"f-multi.tgt{r}.png").write_bytes(png(411 + r))
+    (folder / "f-no-instruction.src.png").write_bytes(png(420))
+    (folder / "f-no-instruction.tgt.png").write_bytes(png(421))
 
 
 def write_parquet(folder) -> None:

@@ -15,7 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from editsets import EDITS, QUARANTINED, picture, write_hub_repo, write_parquet, write_webdataset
+from editsets import (
+    EDITS,
+    QUARANTINED,
+    picture,
+    write_folder,
+    write_hub_repo,
+    write_parquet,
+    write_webdataset,
+)
 from PIL import Image
 
 from uniloom.models.mingtok_config import MingTokConfig
@@ -64,10 +72,11 @@ def editing_run(tmp_path_factory):
     write_webdataset(root / "wds")
     write_parquet(root / "parquet")
     write_hub_repo(root / "hub")
+    write_folder(root / "folder")
     cfg = UniloomConfig(mingtok=SMALL)
     cfg.data.tokenizer_weights = save_random_weights(SMALL, str(root / "w.safetensors"))
     cfg.data.bpe_vocab_size = 300
-    inputs = [str(root / "wds"), str(root / "parquet"), f"hf://{root / 'hub'}:train"]
+    inputs = [str(root / "wds"), str(root / "parquet"), f"hf://{root / 'hub'}:train", str(root / "folder")]
     manifest, committer, encoder = run_in_process(cfg, inputs, str(root / "out"))
     return root, manifest, committer, encoder
 
@@ -76,10 +85,15 @@ def test_an_editing_set_from_webdataset_parquet_and_hugging_face_reaches_trainin
     root, manifest, committer, encoder = editing_run
     assert not committer.errors
     assert sorted(manifest.shards) == [
-        "hub/train-00000-of-00002", "hub/train-00001-of-00002",
+        "folder/.", "hub/train-00000-of-00002", "hub/train-00001-of-00002",
         "parquet/multi.parquet", "parquet/single.parquet", "wds/edits-000.tar",
     ]  # fmt: skip
-    assert {manifest.shards[s]["format"] for s in manifest.shards} == {"hub", "parquet", "webdataset"}
+    assert {manifest.shards[s]["format"] for s in manifest.shards} == {
+        "folder",
+        "hub",
+        "parquet",
+        "webdataset",
+    }
 
     # Counts add up per shard; every broken sample is quarantined with its reason.
     reasons = {}
@@ -124,7 +138,8 @@ def test_an_editing_set_from_webdataset_parquet_and_hugging_face_reaches_trainin
         if row["text_ids"] is None:  # an edit sample without a caption trains editing only
             assert captioning(row, 0) is None
     assert seen_rounds == {1, 2, 3}
-    assert captioning.no_task == 6 and rows["w-multi"]["text_ids"] is not None  # all but w-multi: no caption
+    # all but w-multi and f-multi: no caption
+    assert captioning.no_task == 7 and rows["w-multi"]["text_ids"] and rows["f-multi"]["text_ids"]
 
 
 def test_a_hub_dataset_in_the_datasets_cache_reads_offline_by_name(editing_run, tmp_path, monkeypatch):
