@@ -28,16 +28,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from uniloom.pipelines.config import UniloomConfig
-from uniloom.pipelines.corpus.scenes import COLORS, SHAPES, scene_objects
 from uniloom.pipelines.errors import UniloomError
-from uniloom.pipelines.evaluate.benchmark import Z95, Proportion, proportion
-from uniloom.pipelines.evaluate.detector import detect, scene_recovered
+from uniloom.pipelines.evaluate.benchmark import Z95, proportion
 from uniloom.pipelines.tokenizer.data import Samples, read_tars, to_unit
 from uniloom.pipelines.tokenizer.evaluate import (
-    PROBE_SEED_OFFSET,
-    fit_linear_probe,
-    pooled_features,
-    probe_scenes,
+    detector_hits,
+    probe_hits,
     psnr,
     reconstruct_all,
     ssim,
@@ -75,30 +71,6 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     mean = float(values.mean())
     half = Z95 * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.inf
     return mean, mean - half, mean + half
-
-
-def detector_hits(images: np.ndarray, samples: Samples) -> list[bool]:
-    """Whether the detector recovers each scene of `samples` (those with ground truth) from
-    `images` (B, H, W, 3) uint8."""
-    return [
-        scene_recovered(detect(image), scene_objects(m["objects"]))
-        for image, m in zip(images, samples.meta)
-        if "objects" in m
-    ]
-
-
-def probe_hits(model, seed: int, fit: int, test: int) -> dict[str, Proportion]:
-    """Linear-probe hits of shape and colour on `test` fresh single-object scenes, fitted
-    on `fit` others (the scenes `uniloom tokenizer eval` probes with)."""
-    size = model.cfg.image_size
-    fit_set = probe_scenes(seed + PROBE_SEED_OFFSET, fit, size)
-    test_set = probe_scenes(seed + 2 * PROBE_SEED_OFFSET, test, size)
-    f_fit, f_test = pooled_features(model, fit_set.images), pooled_features(model, test_set.images)
-    out = {}
-    for name, classes in (("shape", len(SHAPES)), ("color", len(COLORS))):
-        predict = fit_linear_probe(f_fit, getattr(fit_set, f"{name}s"), classes)
-        out[f"probe_{name}"] = proportion(predict(f_test) == getattr(test_set, f"{name}s"))
-    return out
 
 
 def storage(model, float_dtype: str) -> dict[str, Any]:

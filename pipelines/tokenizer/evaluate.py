@@ -16,6 +16,7 @@ from skimage.metrics import structural_similarity
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import COLORS, SHAPES, sample_scene, scene_objects
 from uniloom.pipelines.device import device_of
+from uniloom.pipelines.evaluate.benchmark import Proportion, proportion
 from uniloom.pipelines.evaluate.detector import detect, scene_recovered
 from uniloom.pipelines.tokenizer.data import Samples, to_uint8, to_unit
 from uniloom.pipelines.tokenizer.kinds import kind_for
@@ -70,19 +71,25 @@ def pooled_features(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
+def detector_hits(images: np.ndarray, samples: Samples) -> list[bool]:
+    """Whether the detector recovers each scene of `samples` (those with ground truth) from
+    `images` (B, H, W, 3) uint8."""
+    return [
+        scene_recovered(detect(image), scene_objects(m["objects"]))
+        for image, m in zip(images, samples.meta)
+        if "objects" in m
+    ]
+
+
 def reconstruction_metrics(model, samples: Samples) -> dict[str, float]:
     originals = samples.images.transpose(0, 2, 3, 1)
     recons = reconstruct_all(model, samples.images)
-    scored = [(r, m) for r, m in zip(recons, samples.meta) if "objects" in m]
-    recovered = [scene_recovered(detect(r), scene_objects(m["objects"])) for r, m in scored]
-    baseline = [
-        scene_recovered(detect(o), scene_objects(m["objects"])) for o, m in zip(originals, samples.meta)
-    ]
+    recovered, baseline = detector_hits(recons, samples), detector_hits(originals, samples)
     return {
         "psnr": float(psnr(originals, recons).mean()),
         "ssim": float(ssim(originals, recons).mean()),
         "detector_agreement": float(np.mean(recovered)) if recovered else float("nan"),
-        "detector_on_originals": float(np.mean(baseline[: len(scored)])) if scored else float("nan"),
+        "detector_on_originals": float(np.mean(baseline)) if baseline else float("nan"),
         "images": len(recons),
     }
 
@@ -129,13 +136,19 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-
     return predict
 
 
-def probe_accuracy(model, seed: int, train: int, test: int) -> dict[str, float]:
+def probe_hits(model, seed: int, fit: int, test: int) -> dict[str, Proportion]:
+    """Linear-probe hits of shape and colour on `test` fresh single-object scenes, fitted
+    on `fit` others."""
     size = model.cfg.image_size
-    fit_set = probe_scenes(seed + PROBE_SEED_OFFSET, train, size)
+    fit_set = probe_scenes(seed + PROBE_SEED_OFFSET, fit, size)
     test_set = probe_scenes(seed + 2 * PROBE_SEED_OFFSET, test, size)
     f_fit, f_test = pooled_features(model, fit_set.images), pooled_features(model, test_set.images)
     out = {}
     for name, classes in (("shape", len(SHAPES)), ("color", len(COLORS))):
         predict = fit_linear_probe(f_fit, getattr(fit_set, f"{name}s"), classes)
-        out[f"probe_{name}"] = float((predict(f_test) == getattr(test_set, f"{name}s")).mean())
+        out[f"probe_{name}"] = proportion(predict(f_test) == getattr(test_set, f"{name}s"))
     return out
+
+
+def probe_accuracy(model, seed: int, train: int, test: int) -> dict[str, float]:
+    return {name: hits.value for name, hits in probe_hits(model, seed, train, test).items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from smallkinds import SMALL as ALL_KINDS
 
 from uniloom.pipelines.config import CorpusConfig, load_config
 from uniloom.pipelines.corpus.synth import synthesize
@@ -15,14 +16,7 @@ from uniloom.pipelines.tokenizer.weights import load_tokenizer
 
 pytestmark = pytest.mark.integration
 
-SMALL = {
-    "unitok": {"image_size": 32, "patch_size": 8, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
-               "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "proj_heads": 2, "code_dim": 16,
-               "num_codebooks": 4, "codebook_size": 16, "restart_after": 1},
-    "tuna": {"image_size": 32, "vae_patch_size": 8, "latent_channels": 4, "vae_width": 32, "vae_depth": 1,
-             "vae_heads": 2, "rep_patch_size": 1, "rep_width": 32, "rep_depth": 1, "rep_heads": 2,
-             "head_depth": 1, "head_heads": 2},
-}  # fmt: skip
+SMALL = {kind: ALL_KINDS[kind] for kind in ("unitok", "tuna")}
 
 
 def test_unitok_and_tuna_train_register_and_encode(ray_local, tmp_path):
