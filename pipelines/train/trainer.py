@@ -192,11 +192,10 @@ def prepare_job(cfg: UniloomConfig, stages: list[str], image_fp: str) -> dict[st
             f"{cfg.model.vocab_size}: set model.vocab_size >= {tok.get_vocab_size()}"
         )
     prompt_ids = [tok.encode(p, add_special_tokens=False).ids for p in cfg.train.eval_prompts]
-    coarse = (
-        cfg.model.coarse_codes and coarse_centers(shards, cfg.model.coarse_codes, cfg.train.seed).tolist()
-    )
+    k = cfg.model.coarse_codes
+    coarse = coarse_centers(shards, k, cfg.train.seed).tolist() if k else None
     return {
-        "coarse_centers": coarse or None,  # a fresh model's; a checkpoint carries its own
+        "coarse_centers": coarse,  # a fresh model's; a checkpoint carries its own
         "cfg": to_dict(cfg),
         "stages": stages,
         "image_tokenizer": image_fp,
