@@ -107,10 +107,14 @@ def prefill(model: UniVision, prompts: list[sequence.Prompt], state: KVCache | N
     return out.hidden[:, -1], cache
 
 
-def _check(model: UniVision, tokenizer) -> None:
-    kind, cfg, mcfg = model.cfg.image_kind, tokenizer.cfg, model.cfg
+def check_tokenizer(mcfg, cfg) -> None:
+    """Raise ValueError unless a model of config `mcfg` reads and writes the tokens of a
+    tokenizer of config `cfg` (its kind, and the widths the two share)."""
+    kind = mcfg.image_kind
     if not isinstance(cfg, TOKENIZER_CONFIGS[kind]):
-        raise ValueError(f"a {kind} model needs a {kind} tokenizer, got {type(tokenizer).__name__}")
+        raise ValueError(
+            f"a {kind} model needs a {kind} tokenizer, got {type(cfg).__name__.removesuffix('Config')}"
+        )
     if kind == "mingtok" and (cfg.semantic_dim != mcfg.semantic_dim or cfg.latent_dim != mcfg.latent_dim):
         raise ValueError(
             f"MingTok (semantic {cfg.semantic_dim}, latent {cfg.latent_dim}) does not match "
@@ -157,18 +161,20 @@ def guide(values_G, scales: tuple[float, float] | None):
 @torch.no_grad()
 def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *, source_images=None,
              state: KVCache | None = None, steps: int | None = None, temperature: float | None = None,
-             guidance: bool = True, scales: tuple[float, float] | None = None, drop_history: bool = False,
+             coarse_temperature: float | None = None, guidance: bool = True, scales: tuple[float, float] | None = None, drop_history: bool = False,
              render: bool = True, generator: torch.Generator | None = None) -> ImageTurn:  # fmt: skip
     """One human turn (text ids, optionally with source images (B, 3, H, W) in [-1, 1])
     answered with an image, continuing the conversation in `state` if given. steps: flow
     steps (mingtok, tuna); temperature: the noise scale of the flow's start (mingtok,
-    tuna) or the codes' softmax temperature, 0 = greedy (unitok)."""
+    tuna) or the codes' softmax temperature, 0 = greedy (unitok); coarse_temperature: the
+    coarse code's softmax temperature, 0 = greedy (mingtok with coarse codes)."""
     cfg = model.cfg
-    _check(model, tokenizer)
+    check_tokenizer(model.cfg, tokenizer.cfg)
     if not prompt_ids or (state is not None and state.key_mask.shape[0] != len(prompt_ids)):
         raise ValueError("prompt_ids must hold one prompt per row of the conversation state")
     steps = steps or cfg.flow_steps
     temperature = cfg.temperature if temperature is None else temperature
+    coarse_temperature = cfg.coarse_temperature if coarse_temperature is None else coarse_temperature
     scales = (scales or (cfg.cfg_text_uncond_scale, cfg.cfg_cond_scale)) if guidance else None
     sources, n_src = source_inputs(model, tokenizer, source_images)
     tuna = cfg.image_kind == "tuna"  # its prompt stops before <image_start>: the block brings it
@@ -184,7 +190,11 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
         sem_cache = tokenizer.new_semantic_cache(B)
 
         def draw(h_RH):  # -> (latent (B, C), its input row: the semantic feature (B, D))
-            code = _sample_coarse(model, h_RH, scales, generator) if cfg.coarse_codes else None
+            code = (
+                _sample_coarse(model, h_RH, scales, coarse_temperature, generator)
+                if cfg.coarse_codes
+                else None
+            )
             z_BC = model.flow_head.sample(
                 model.flow_condition(h_RH, code), steps, temperature, scales, generator
             )
@@ -220,12 +230,19 @@ def generate(model: UniVision, tokenizer, prompt_ids: Sequence[Sequence[int]], *
     return ImageTurn(values_BN, None, tokenizer.decode_codes(values_BN) if render else None, cache)
 
 
-def _sample_coarse(model: UniVision, h_RH, scales, generator):
+def _sample_coarse(model: UniVision, h_RH, scales, temperature: float, generator):
     """MingTok's coarse code of the next latent, guided across the G branches and drawn
-    once for all of them: (G * B,)."""
+    once for all of them at `temperature` (0: the likeliest): (G * B,)."""
     G = 1 if scales is None else 3
     logits_BK = guide(model.coarse_head(h_RH).float().view(G, -1, model.cfg.coarse_codes), scales)
-    return torch.multinomial(logits_BK.softmax(-1), 1, generator=generator)[:, 0].repeat(G)
+    return draw_code(logits_BK, temperature, generator).repeat(G)
+
+
+def draw_code(logits_BK, temperature: float, generator=None):
+    """One code per row of logits (B, K) at `temperature` (0: the likeliest): (B,)."""
+    if temperature == 0:
+        return logits_BK.argmax(-1)
+    return torch.multinomial((logits_BK.float() / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
 
 def _sample_codes(head, h_RH, temperature: float, scales, generator):
@@ -296,7 +313,7 @@ def generate_text(model: UniVision, prompt_ids: Sequence[Sequence[int]], *, toke
     if images is not None:
         if tokenizer is None:
             raise ValueError(f"images need the {model.cfg.image_kind} tokenizer")
-        _check(model, tokenizer)
+        check_tokenizer(model.cfg, tokenizer.cfg)
     sources, n_src = source_inputs(model, tokenizer, images)
     prompts = [sequence.prompt(ids, n_src, image=False) for ids in prompt_ids]
     h, cache = prefill(model, prompts, state, sources, guidance=False)

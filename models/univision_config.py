@@ -70,6 +70,7 @@ class UniVisionConfig:
     # Sampling
     flow_steps: int = 16
     temperature: float = 1.0
+    coarse_temperature: float = 1.0  # the coarse code's softmax temperature (coarse_codes); 0: greedy
     cfg_text_uncond_scale: float = 1.1  # s_t in v = v_u + s_t (v_tu - v_u) + s_c (v_c - v_tu)
     cfg_cond_scale: float = 3.0  # s_c
     # Fused ops (kernels/): auto = Triton on CUDA, the PyTorch references elsewhere

@@ -18,12 +18,13 @@ from uniloom.pipelines.config import UniloomConfig
 
 
 def build_on_meta(cfg: UniloomConfig):
-    """(UniVision, MingTok) of `cfg` with every tensor on the meta device."""
-    from uniloom.models.mingtok import MingTok
+    """(UniVision, the tokenizer of tokenizer.kind) of `cfg` with every tensor on the meta device."""
     from uniloom.models.univision import UniVision
+    from uniloom.pipelines.tokenizer.kinds import kind_of
 
+    kind = kind_of(cfg)
     with torch.device("meta"):
-        return UniVision(cfg.model), MingTok(cfg.mingtok)
+        return UniVision(cfg.model), kind.build(kind.config(cfg))
 
 
 def numel(*modules: nn.Module | None) -> int:
@@ -44,8 +45,11 @@ def matmul_weights(*modules: nn.Module | None) -> int:
 
 def parameter_counts(cfg: UniloomConfig) -> dict[str, Any]:
     """Totals, active per token, and per part: the backbone's parts sum to
-    `backbone_total`, the vision heads' to `vision_total`, MingTok's to `mingtok_total`."""
+    `backbone_total`, the vision heads' to `vision_total`, the tokenizer's stages to
+    `<kind>_total` (`mingtok_total`; TUNA's holds the cascade and velocity head the
+    unified model trains)."""
     model, tok = build_on_meta(cfg)
+    kind = cfg.model.image_kind
     counts = model.parameter_counts()
     layers = list(model.layers)
     moes = [layer.moe for layer in layers]
@@ -60,9 +64,7 @@ def parameter_counts(cfg: UniloomConfig) -> dict[str, Any]:
         ),
         "lm_head": numel(model.lm_head),
         **{name: numel(m) for name, m in model.vision_modules().items()},
-        "mingtok_encoder": numel(tok.encoder),
-        "mingtok_semantic_decoder": numel(tok.semantic_decoder),
-        "mingtok_pixel_decoder": numel(tok.pixel_decoder),
+        **{f"{kind}_{name}": n for name, n in tok.stage_parameters().items()},
     }
     return {
         "preset": cfg.preset,
@@ -70,6 +72,6 @@ def parameter_counts(cfg: UniloomConfig) -> dict[str, Any]:
         "active_per_tok": counts["backbone_active"],
         "backbone_total": counts["backbone_total"],
         "vision_total": counts["vision_total"],
-        "mingtok_total": numel(tok),
+        f"{kind}_total": numel(tok),
         **{f"part.{name}": n for name, n in parts.items()},
     }

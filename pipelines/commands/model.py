@@ -9,7 +9,7 @@ from uniloom.pipelines.commands.options import config_options, emit, json_option
 
 @click.group()
 def model() -> None:
-    """The unified model and its MingTok."""
+    """The unified model and its image tokenizer."""
 
 
 @model.command()

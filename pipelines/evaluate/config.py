@@ -24,6 +24,7 @@ class EvalConfig:
     # the flow head's starting noise scale for image latents (lower: surer, less varied
     # tokens; a per-token head sampled at 1.0 scatters an object's tokens over colours)
     temperature: float | None = None
+    coarse_temperature: float | None = None  # the coarse code's softmax temperature (0: greedy)
     text_temperature: float = 0.0  # 0: greedy answers
     # What `--tune` tries: image settings scored by GenEval overall, text temperature by VQA.
     tune_grid: dict[str, list[float]] = field(
@@ -46,6 +47,7 @@ class EvalConfig:
         unknown = set(self.tune_grid) - {
             "flow_steps",
             "temperature",
+            "coarse_temperature",
             "cfg_cond_scale",
             "cfg_text_uncond_scale",
             "text_temperature",

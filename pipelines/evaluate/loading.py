@@ -10,7 +10,7 @@ from uniloom.pipelines.workspace import fetch
 
 
 def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
-    """The model and its MingTok on eval.device (resolved on this machine)."""
+    """The model and its image tokenizer on eval.device (resolved on this machine)."""
     return on_device(_load(cfg, model), cfg.eval)
 
 

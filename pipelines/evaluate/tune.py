@@ -19,7 +19,13 @@ import yaml
 from uniloom.pipelines.evaluate.benchmark import held_out, score_generation, score_vqa, vqa_pairs
 from uniloom.pipelines.evaluate.config import EvalConfig
 
-IMAGE_SETTINGS = ("flow_steps", "temperature", "cfg_text_uncond_scale", "cfg_cond_scale")
+IMAGE_SETTINGS = (
+    "flow_steps",
+    "temperature",
+    "coarse_temperature",
+    "cfg_text_uncond_scale",
+    "cfg_cond_scale",
+)
 
 
 def _setting(name: str, value: float) -> float | int:

@@ -1,6 +1,7 @@
 """Evaluate an exported unified model on held-out scenes: generation (GenEval-style),
-VQA, chained editing and the reconstruction of the MingTok it carries, scored by
-pipelines/evaluate/benchmark.py with the scene detector."""
+VQA, chained editing and the reconstruction of the image tokenizer it carries (any
+kind: pipelines/tokenizer/kinds.py), scored by pipelines/evaluate/benchmark.py with the
+scene detector."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from uniloom.pipelines.evaluate.config import EvalConfig
 
 @dataclass
 class Bundle:
-    """What inference needs: the unified model, its MingTok, and the text BPE."""
+    """What inference needs: the unified model, its image tokenizer, and the text BPE."""
 
     model: Any
     tokenizer: Any
@@ -76,7 +77,7 @@ def load_bundle(export: str, shards: str, storage_options: dict | None = None) -
 
 
 def on_device(bundle: Bundle, e: EvalConfig) -> Bundle:
-    """`bundle` with its model and MingTok moved to eval.device, resolved on this machine."""
+    """`bundle` with its model and tokenizer moved to eval.device, resolved on this machine."""
     from uniloom.pipelines import device
 
     where = device.resolve(e.device, device.local_gpus(), "eval.device")
@@ -129,8 +130,9 @@ def model_callables(bundle: Bundle, e: EvalConfig, advance: Callable[[int], None
         mc.cfg_text_uncond_scale if e.cfg_text_uncond_scale is None else e.cfg_text_uncond_scale,
         mc.cfg_cond_scale if e.cfg_cond_scale is None else e.cfg_cond_scale,
     )
-    sampling = {"steps": e.flow_steps or None, "temperature": e.temperature, "guidance": e.guidance,
-                "scales": scales, "generator": gen}  # fmt: skip
+    sampling = {"steps": e.flow_steps or None, "temperature": e.temperature,
+                "coarse_temperature": e.coarse_temperature, "guidance": e.guidance, "scales": scales,
+                "generator": gen}  # fmt: skip
 
     @torch.no_grad()
     def generate_images(captions: list[str]) -> list[np.ndarray]:
@@ -197,45 +199,52 @@ def tokenizer_reconstruction(tokenizer, items: list[EvalItem], batch: int) -> di
 
 def teacher_forced(bundle: Bundle, e: EvalConfig, items: list[EvalItem]) -> dict[str, float]:
     """Drawing given the true prefix: each latent of a held-out scene's image is sampled
-    from the flow head conditioned on the caption and the scene's own earlier latents
-    (MingTok-encoded renders), then the image is decoded and judged like a generated one.
+    from the per-token flow head conditioned on the caption and the scene's own earlier
+    latents (encoded renders), then the image is decoded and judged like a generated one.
     With the held-out flow-matching loss of the same latents, this separates the per-token
     conditional (the head and what the LLM tells it) from errors that compound when the
-    model continues its own samples: a model that fails here fails before exposure bias."""
+    model continues its own samples: a model that fails here fails before exposure bias.
+    Nothing for a kind without a per-token flow head (kinds.py `token_flow_head`)."""
     import torch
 
     from uniloom.models import sequence
-    from uniloom.models.univision import image_features
+    from uniloom.models.generation import draw_code
     from uniloom.pipelines.device import device_of, generator
     from uniloom.pipelines.tokenizer.data import to_uint8
+    from uniloom.pipelines.tokenizer.kinds import kind_for
 
     model, tok = bundle.model, bundle.tokenizer
+    kind = kind_for(tok)
+    head = kind.token_flow_head(model)
+    if head is None:
+        return {}
     where = device_of(model)
     gen = generator(where, e.seed)
     size, n = tok.cfg.image_size, tok.cfg.num_tokens
     steps = e.flow_steps or model.cfg.flow_steps
     temperature = model.cfg.temperature if e.temperature is None else e.temperature
+    code_temperature = model.cfg.coarse_temperature if e.coarse_temperature is None else e.coarse_temperature
     images, losses = [], []
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(e.seed)  # the flow loss's times and noise
         for chunk in _batches(items, e.batch):
-            z_BNC = tok.encode(_unit([_render(i.scene["objects"], size) for i in chunk], where)).cpu()
+            z_BNC = kind.values(tok, _unit([_render(i.scene["objects"], size) for i in chunk], where)).cpu()
             batch = sequence.collate(
                 [
                     sequence.text_to_image(bundle.encode(i.scene["caption"]), z_NC)
                     for i, z_NC in zip(chunk, z_BNC)
                 ]
             ).to(where)
-            features = image_features(tok, batch.image_latents, n)
+            features = kind.loss_inputs(tok, batch)["image_features_PD"]
             hidden = model(batch.input_ids, features, batch.image_mask, position_ids_BT=batch.position_ids,
                            doc_ids_BT=batch.doc_ids).hidden  # fmt: skip
             x0, cond, logits = model.flow_pairs(batch, hidden)
-            losses.append(model.flow_head.loss(x0.to(cond.dtype), cond, batch_mul=4).float())
+            losses.append(head.loss(x0.to(cond.dtype), cond, batch_mul=4).float())
             if logits is not None:  # the coarse code drawn, as in generation, not the true one
-                drawn = torch.multinomial(logits.float().softmax(-1), 1, generator=gen)[:, 0]
+                drawn = draw_code(logits, code_temperature, gen)
                 cond = cond + model.coarse_embed(drawn) - model.coarse_embed(model.coarse_code(x0))
-            z = model.flow_head.sample(cond, steps, temperature, generator=gen)
-            images.extend(to_uint8(tok.decode_pixels(tok.decode_semantic(z.view(len(chunk), n, -1)))))
+            z = head.sample(cond, steps, temperature, generator=gen)
+            images.extend(to_uint8(kind.decode(tok, z.view(len(chunk), n, -1))))
     scores = score_generation(items, images)
     return {"flow_loss_heldout": float(torch.cat(losses).mean()), "flow_loss_heldout_n": float(len(items)),
             "geneval_teacher_forced": scores.overall, "geneval_teacher_forced_n": float(len(items))}  # fmt: skip
@@ -268,7 +277,7 @@ def evaluate_bundle(
     max_objects: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
-    """Every score on the test split (`e.scenes` scenes), the carried MingTok's
+    """Every score on the test split (`e.scenes` scenes), the carried tokenizer's
     reconstruction included, with example images per category and edit round."""
     items = held_out(corpus_seed, e.scenes, max_objects, split="test")
     evaluation = evaluate_items(bundle, e, items, progress)

@@ -9,6 +9,12 @@ here and otherwise treat them alike.
 
 `values(model, images)` gives (B, N, X) rows in that layout, the rows the unified model's
 image slots read (models/sequence.py); `decode(model, values)` renders them back.
+
+The unified model's training (pipelines/train/module.py) asks the kind which of its
+modules and the tokenizer's make up each part of the recipe (`parts`), what the model's
+loss takes beside the batch (`loss_inputs`), and its per-token flow head if it has one
+(`token_flow_head`: the flow head that train/flow_balance.py balances and that evaluation
+samples teacher-forced).
 """
 
 from __future__ import annotations
@@ -73,6 +79,24 @@ class Kind:
         (B, 3, H, W) in [-1, 1]; returns (shift, scale), None for a kind without one."""
         return None
 
+    # ------------------------------------------------------------------ in the unified model
+
+    def parts(self, model, tokenizer) -> dict[str, list]:
+        """The recipe's image parts (train/config.py PARTS but llm, which every kind shares)
+        as this kind's modules of the unified model `model` and the tokenizer: "projector"
+        what turns the shards' values into the backbone's input rows, "flow_head" what
+        predicts the image, "semantic_decoder" the part of the tokenizer that joint
+        training fine-tunes (empty: the tokenizer stays frozen in every stage)."""
+        raise NotImplementedError
+
+    def loss_inputs(self, tokenizer, batch) -> dict:
+        """What UniVision.loss takes beside the batch for this kind."""
+        return {}
+
+    def token_flow_head(self, model):
+        """The unified model's per-token flow head (MingTok's), or None."""
+        return None
+
 
 class MingTokKind(Kind):
     def model_class(self) -> type:
@@ -91,6 +115,36 @@ class MingTokKind(Kind):
 
         return calibrate_latents(model, images)
 
+    def parts(self, model, tokenizer):
+        return {
+            "projector": [model.projector],
+            "flow_head": [model.vis_head, model.flow_head, *model.coarse_modules()],
+            "semantic_decoder": [tokenizer.semantic_decoder],
+        }
+
+    def loss_inputs(self, tokenizer, batch):
+        """The semantic features (P, D) of the slots' latents; without a graph when the
+        semantic decoder is frozen (the latents are data). None without slots."""
+        import contextlib
+
+        import torch
+
+        from uniloom.models.univision import image_features
+
+        latents_PC = batch.image_latents
+        if latents_PC.shape[0] == 0:
+            return {"image_features_PD": None}
+        decoder = tokenizer.semantic_decoder
+        frozen = not any(p.requires_grad for p in decoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = image_features(
+                tokenizer, latents_PC.to(decoder.proj.weight.dtype), tokenizer.cfg.num_tokens
+            )
+        return {"image_features_PD": features}
+
+    def token_flow_head(self, model):
+        return model.flow_head
+
 
 class UniTokKind(Kind):
     def model_class(self) -> type:
@@ -107,6 +161,11 @@ class UniTokKind(Kind):
 
     def pooled(self, model, images):  # the post-quantization tokens the contrastive term reads
         return model.post_quant_proj(model.quantizer.lookup(model.encode(images))).mean(1)
+
+    def parts(self, model, tokenizer):
+        # The codes are data: the codebooks and decoder stay as the tokenizer stage made
+        # them, so a joint stage's semantic_decoder trains nothing of UniTok.
+        return {"projector": [model.code_embed], "flow_head": [model.depth_head], "semantic_decoder": []}
 
 
 class TunaKind(Kind):
@@ -126,6 +185,21 @@ class TunaKind(Kind):
 
     def pooled(self, model, images):  # the VAE latents (the cascade trains in the unified model)
         return self.values(model, images).mean(1)
+
+    def parts(self, model, tokenizer):
+        # The cascade and velocity head are the tokenizer's modules and train here; the
+        # VAE stays frozen (the flow's targets live in its latent space), so a joint
+        # stage's semantic_decoder trains nothing of TUNA. The time embedding serves both
+        # the image block's time token and the velocity head.
+        t = tokenizer
+        return {
+            "projector": [t.rep_encoder, t.connector, t.time_embed],
+            "flow_head": [t.time_embed, t.head, t.head_out],
+            "semantic_decoder": [],
+        }
+
+    def loss_inputs(self, tokenizer, batch):
+        return {"tuna": tokenizer}
 
     def calibrate(self, model, images):
         """The flow runs on (raw - shift) / scale (TunaConfig): from the posterior means."""

@@ -93,6 +93,7 @@ class PlainLoop:
         import torch
 
         from uniloom.pipelines import precision
+        from uniloom.pipelines.tokenizer.kinds import kind_of
         from uniloom.pipelines.train import deepspeed_config
         from uniloom.pipelines.train.loop import anchor_tokenizer, load_tokenizer
         from uniloom.pipelines.train.module import Trainee
@@ -100,7 +101,7 @@ class PlainLoop:
         self.t = cfg.train
         torch.manual_seed(self.t.seed)
         # the full path's initial weights: the same seed, the same MingTok
-        self.model = Trainee(cfg.model, cfg.mingtok)
+        self.model = Trainee(cfg.model, kind_of(cfg).config(cfg))
         load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
         anchor_tokenizer(self.model, stage, cfg.data.tokenizer_weights, cfg.data.storage_options)

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TASK_KINDS = ("understanding", "text_to_image", "text", "editing")
+# The recipe's trainable parts, named after MingTok's modules; each tokenizer kind says
+# which of its modules each part is (pipelines/tokenizer/kinds.py `parts`): UniTok's code
+# embedding and depth head, TUNA's cascade and velocity head. semantic_decoder is MingTok's
+# alone: with UniTok or TUNA a stage that names it trains nothing more (the tokenizer
+# stays frozen), so one recipe serves every kind.
 PARTS = ("projector", "flow_head", "llm", "semantic_decoder")
 
 

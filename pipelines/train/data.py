@@ -87,11 +87,11 @@ def check_image_kind(shards: ShardSet, image_kind: str) -> None:
 
 
 def check_image_tokenizer(shards: ShardSet, fingerprint: str, weights: str) -> None:
-    """Latents are only meaningful to the MingTok that made them: refuse any other."""
+    """Image tokens are only meaningful to the tokenizer that made them: refuse any other."""
     if shards.image_tokenizer != fingerprint:
         raise UniloomError(
-            f"shards in {shards.uri} were tokenized by MingTok {shards.image_tokenizer}, but the model "
-            f"uses MingTok {fingerprint} (data.tokenizer_weights={weights or '(unset)'}): train with "
+            f"shards in {shards.uri} were tokenized by image tokenizer {shards.image_tokenizer}, but the "
+            f"model uses {fingerprint} (data.tokenizer_weights={weights or '(unset)'}): train with "
             "the weights that made the shards, or rerun `uniloom data run` with these"
         )
 
@@ -104,12 +104,18 @@ def read_dataset(shards: ShardSet, t: TrainConfig):
     from uniloom.pipelines.data.fs import is_local
 
     filesystem = None if is_local(shards.fs) else PyFileSystem(FSSpecHandler(shards.fs))
-    return ray.data.read_parquet(
-        shards.files,
-        filesystem=filesystem,
-        columns=COLUMNS,
-        num_cpus=t.read_cpus,
-    )
+    # Ray Data's V2 Parquet reader lists the files in a task of one whole CPU, which never
+    # starts once the training workers hold more than all but one CPU of every node (a
+    # worker of 1.5 CPUs on each 2-CPU node: training waited forever); V1's read tasks
+    # ask read_cpus only. The dataset keeps the context it was created with.
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(
+            shards.files, filesystem=filesystem, columns=COLUMNS, num_cpus=t.read_cpus
+        )
+    finally:
+        context.use_datasource_v2 = v2
 
 
 def coarse_centers(shards: ShardSet, k: int, seed: int, max_latents: int = 65536, iters: int = 25):
@@ -147,9 +153,13 @@ def coarse_centers(shards: ShardSet, k: int, seed: int, max_latents: int = 65536
 
 
 def _latents(blob: bytes, shape, dtype: str):
+    """A stored image's values as a tensor: latents as float32, codes (UniTok) as long."""
     import torch
 
-    return torch.from_numpy(np.frombuffer(blob, dtype=dtype).reshape(shape).astype(np.float32))
+    values = np.frombuffer(blob, dtype=dtype).reshape(shape)
+    return torch.from_numpy(
+        values.astype(np.int64 if np.issubdtype(values.dtype, np.integer) else np.float32)
+    )
 
 
 class TaskSampler:
@@ -181,7 +191,7 @@ class TaskSampler:
 
         if row["image_tokenizer"] != self.image_tokenizer:
             raise UniloomError(
-                f"row {row['key']}: MingTok {row['image_tokenizer']}, expected {self.image_tokenizer}"
+                f"row {row['key']}: image tokenizer {row['image_tokenizer']}, expected {self.image_tokenizer}"
             )
         rng = self.rng(row["key"], epoch)
         can_edit = bool(row["edit_latents"]) and bool(row["edit_instruction_ids"])

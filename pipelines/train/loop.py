@@ -2,7 +2,7 @@
 
 Per stage, in this order (the fixed order of parallelize.py-style wrapping):
   build the model (same seed on every rank) -> load weights (the previous stage's
-  checkpoint, or MingTok's trained weights for a fresh run) -> expert parallelism ->
+  checkpoint, or the trained tokenizer's weights for a fresh run) -> expert parallelism ->
   freeze what the stage freezes -> DeepSpeed MoE switch -> AdamW over MoE-split groups
   -> deepspeed.initialize -> (resuming mid-stage) optimizer, schedule, data position.
 
@@ -36,6 +36,7 @@ import torch.distributed as dist
 from uniloom.models.moe import MoE
 from uniloom.pipelines import device, precision, progress
 from uniloom.pipelines.config import UniloomConfig, build
+from uniloom.pipelines.tokenizer.kinds import kind_of
 from uniloom.pipelines.tracking import RunLogger
 from uniloom.pipelines.train import checkpoint as ckpt
 from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flops, flow_balance, shm_comm
@@ -56,7 +57,7 @@ def _say(rank: int, text: str) -> None:
 
 
 def tokenizer_state(uri: str, storage_options: dict) -> dict[str, torch.Tensor]:
-    """The tokenizer stage's MingTok weights."""
+    """The tokenizer stage's weights (of tokenizer.kind's model)."""
     from safetensors.torch import load as load_safetensors
 
     from uniloom.pipelines.data.image_tokenizer import read_weights
@@ -80,17 +81,18 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
 
     t, stage = cfg.train, cfg.train.stages[name]
     torch.manual_seed(t.seed)
-    trainee = Trainee(cfg.model, cfg.mingtok)
+    trainee = Trainee(cfg.model, kind_of(cfg).config(cfg))
     if reader is None:
         load_tokenizer(trainee, job["tokenizer_weights"], cfg.data.storage_options)
         if job.get("coarse_centers"):
             trainee.model.set_coarse_centers(torch.tensor(job["coarse_centers"]))
     on_cpu = worker_device(t) == "cpu"  # shared memory carries CPU tensors only
     expert_parallel.parallelize(trainee, ep, t.shadow_min_slots, shm=t.shm_collectives and on_cpu)
-    if world > 1:
+    head = trainee.kind.token_flow_head(trainee.model)  # a kind without one has no rows to balance
+    if world > 1 and head is not None:
         from deepspeed.utils import groups
 
-        flow_balance.balance(trainee.model.flow_head, t.flow_balance_min_rows,
+        flow_balance.balance(head, t.flow_balance_min_rows,
                              groups._get_data_parallel_group(), data_parallel_channel(t, world))  # fmt: skip
     if reader is not None:
         ckpt.load_weights(trainee, reader)

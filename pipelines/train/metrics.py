@@ -34,8 +34,10 @@ RATES = (
 )  # reported with checkpoints
 
 
-KINDS = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow")]
-HEAD = 9  # batches, loss, text, flow, aux, tokens, elapsed, cpu, anchor: Window.vectors
+# per task, its text and image terms (flow: MingTok's and TUNA's flow matching; code:
+# UniTok's code cross-entropy, MingTok's coarse-code cross-entropy)
+KINDS = [f"{task}/{kind}" for task in TASK_KINDS for kind in ("text", "flow", "code")]
+HEAD = 10  # batches, loss, text, flow, aux, tokens, elapsed, cpu, anchor, code: Window.vectors
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Window:
     flow: float = 0.0
     aux: float = 0.0
     anchor: float = 0.0
+    code: float = 0.0
     tokens: int = 0
     task_sum: dict[str, float] = field(default_factory=dict)
     task_n: dict[str, int] = field(default_factory=dict)
@@ -62,6 +65,7 @@ class Window:
         self.flow += losses.flow.item()
         self.aux += losses.aux.item()
         self.anchor += losses.anchor.item()
+        self.code += losses.code.item()
         self.tokens += tokens
         for k, v in losses.per_task.items():
             self.task_sum[k] = self.task_sum.get(k, 0.0) + v
@@ -75,7 +79,8 @@ class Window:
         reduces them (pipelines/device.py collective_device; NCCL takes none from the CPU)."""
         elapsed = time.perf_counter() - self.started
         cpu = time.process_time() - self.started_cpu
-        head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu, self.anchor]  # fmt: skip
+        head = [self.batches, self.loss, self.text, self.flow, self.aux, self.tokens, elapsed, cpu, self.anchor,
+                self.code]  # fmt: skip
         sums = [self.task_sum.get(k, 0.0) for k in KINDS] + [float(self.task_n.get(k, 0)) for k in KINDS]
         vec = torch.tensor(head + sums, dtype=torch.float64, device=device)
         load = (self.expert_load if self.expert_load is not None else torch.zeros(0)).to(device)
@@ -96,6 +101,7 @@ class Window:
             "loss_flow": vec[3].item() / n,
             "loss_aux": vec[4].item() / n,
             "loss_anchor": vec[8].item() / n,  # the semantic decoder's drift (train/module.py)
+            "loss_code": vec[9].item() / n,
             "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_worker": tokens / elapsed / world,
             # Throughput per CPU-second a worker got: what the machinery costs in work, apart

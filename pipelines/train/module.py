@@ -1,8 +1,11 @@
-"""What training updates: the unified model plus MingTok, whose semantic decoder turns the
-shards' stored latents into the features the model reads (and which stage 2 fine-tunes).
+"""What training updates: the unified model plus the image tokenizer of its kind
+(tokenizer.kind; pipelines/tokenizer/kinds.py says what each kind contributes). MingTok's
+semantic decoder turns the shards' stored latents into the features the model reads
+(and stage 2 fine-tunes it); UniTok's codes are read as they are; TUNA's cascade and
+velocity head, which are the tokenizer's modules, train with the model.
 
-The encoder and pixel decoder ride along frozen: the export carries one consistent
-tokenizer, and the pixel decoder renders the sample images at evaluation.
+What the tokenizer does not train rides along frozen: the export carries one consistent
+tokenizer, and its decoder renders the sample images at evaluation.
 
 A stage that trains the semantic decoder with the language-model losses alone would let
 its features drift wherever those losses pull, and the frozen pixel decoder, trained on
@@ -15,17 +18,17 @@ exported tokenizer 2.5 dB of PSNR without it and 0.25 dB with it (weight 1).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uniloom.models.mingtok import MingTok, MingTokConfig
+from uniloom.models.generation import check_tokenizer
 from uniloom.models.sequence import Batch
-from uniloom.models.univision import Losses, UniVision, UniVisionConfig, image_features
+from uniloom.models.univision import Losses, UniVision, UniVisionConfig
 from uniloom.pipelines.errors import UniloomError
+from uniloom.pipelines.tokenizer.kinds import kind_for_config
 
 
 @dataclass
@@ -34,16 +37,17 @@ class TraineeLosses(Losses):
 
 
 class Trainee(nn.Module):
-    def __init__(self, model_cfg: UniVisionConfig, mingtok_cfg: MingTokConfig):
+    def __init__(self, model_cfg: UniVisionConfig, tokenizer_cfg):
+        """`tokenizer_cfg`: the config of a tokenizer of model_cfg.image_kind's kind."""
         super().__init__()
-        if model_cfg.semantic_dim != mingtok_cfg.sem_width or model_cfg.latent_dim != mingtok_cfg.latent_dim:
-            raise UniloomError(
-                f"model.semantic_dim/latent_dim ({model_cfg.semantic_dim}/{model_cfg.latent_dim}) must equal "
-                f"mingtok.sem_width/latent_dim ({mingtok_cfg.sem_width}/{mingtok_cfg.latent_dim})"
-            )
+        try:
+            check_tokenizer(model_cfg, tokenizer_cfg)
+        except ValueError as e:
+            raise UniloomError(str(e)) from None
+        self.kind = kind_for_config(tokenizer_cfg)
         self.model = UniVision(model_cfg)
-        self.tokenizer = MingTok(mingtok_cfg)
-        self.tokens_per_image = mingtok_cfg.num_tokens
+        self.tokenizer = self.kind.build(tokenizer_cfg)
+        self.tokens_per_image = tokenizer_cfg.num_tokens
         self.anchor_weight = 0.0
         # Plain tensors, not parameters or buffers: the reference is never trained, saved
         # or exported (it is the tokenizer stage's, which the run can always read again).
@@ -52,12 +56,7 @@ class Trainee(nn.Module):
     def parts(self) -> dict[str, list[nn.Module]]:
         """The recipe's vocabulary of trainable parts (train/config.py PARTS)."""
         m = self.model
-        return {
-            "projector": [m.projector],
-            "flow_head": [m.vis_head, m.flow_head, *m.coarse_modules()],
-            "llm": [m.embed, m.layers, m.norm, m.lm_head],
-            "semantic_decoder": [self.tokenizer.semantic_decoder],
-        }
+        return {"llm": [m.embed, m.layers, m.norm, m.lm_head], **self.kind.parts(m, self.tokenizer)}
 
     def set_trainable(self, names: list[str]) -> None:
         self.requires_grad_(False)
@@ -68,8 +67,10 @@ class Trainee(nn.Module):
 
     def anchor(self, mingtok_state: dict[str, torch.Tensor], weight: float) -> None:
         """Anchor the semantic decoder to the one in `mingtok_state` (the tokenizer stage's
-        MingTok weights) with this loss weight; 0 removes the anchor."""
+        MingTok weights) with this loss weight; 0 removes the anchor, as does a kind
+        whose tokenizer has no semantic decoder to train."""
         prefix = "semantic_decoder."
+        weight = weight if self.parts()["semantic_decoder"] else 0.0
         self.anchor_weight = weight
         self.reference = (
             {k[len(prefix) :]: v.detach().clone() for k, v in mingtok_state.items() if k.startswith(prefix)}
@@ -88,19 +89,10 @@ class Trainee(nn.Module):
         with torch.no_grad():
             return torch.func.functional_call(decoder, self.reference, (z,)).reshape(P, -1)
 
-    def features(self, latents_PC):
-        """MingTok semantic features (P, D) of the batch's image slots; without a graph
-        when the semantic decoder is frozen (the latents are data)."""
-        if latents_PC.shape[0] == 0:
-            return None
-        dtype = self.tokenizer.semantic_decoder.proj.weight.dtype
-        frozen = not any(p.requires_grad for p in self.tokenizer.semantic_decoder.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            return image_features(self.tokenizer, latents_PC.to(dtype), self.tokens_per_image)
-
     def forward(self, batch: Batch) -> TraineeLosses:
-        features = self.features(batch.image_latents)
-        losses = self.model.loss(batch, features)
+        inputs = self.kind.loss_inputs(self.tokenizer, batch)
+        losses = self.model.loss(batch, **inputs)
+        features = inputs.get("image_features_PD")
         if not (self.anchor_weight and features is not None and features.requires_grad):
             return TraineeLosses(**vars(losses), anchor=torch.zeros((), device=losses.total.device))
         anchor = F.mse_loss(features, self.reference_features(batch.image_latents))

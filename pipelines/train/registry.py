@@ -1,8 +1,9 @@
 """The exported unified model: loading it back, and MLflow's `uniloom-univision`, a pyfunc
 that generates images from prompts, answers questions about images and edits images.
 
-An export is one safetensors file that needs nothing beside it: the UniVision and MingTok
-weights, their configs, and the text tokenizer (the BPE the shards were tokenized with) as
+An export is one safetensors file that needs nothing beside it: the UniVision weights and
+its image tokenizer's (MingTok, UniTok or TUNA: model.image_kind), their configs (the
+tokenizer's under its kind's name), and the text tokenizer (the BPE the shards were tokenized with) as
 JSON in the file's metadata."""
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ def export_model(reader, out: str | Path, metadata: dict[str, Any], text) -> Pat
 
 
 def load_export(path: str | Path, device: str = "cpu"):
-    """(UniVision, MingTok, metadata) from the consolidated safetensors file, on `device`;
-    tensors only (safetensors), the configs come from the file's JSON metadata."""
+    """(UniVision, its image tokenizer, metadata) from the consolidated safetensors file,
+    on `device`; tensors only (safetensors), the configs come from the file's JSON metadata."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from uniloom.models.mingtok import MingTok, MingTokConfig
     from uniloom.models.univision import UniVision, UniVisionConfig
+    from uniloom.pipelines.tokenizer.kinds import KINDS
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -49,10 +50,13 @@ def load_export(path: str | Path, device: str = "cpu"):
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UniloomError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
-    if "model" not in metadata or "mingtok" not in metadata:
-        raise UniloomError(f"{path}: not a uniloom-univision export (no model and MingTok configs in it)")
+    kind = KINDS.get((metadata.get("model") or {}).get("image_kind", "mingtok"))
+    if kind is None or kind.name not in metadata:
+        raise UniloomError(
+            f"{path}: not a uniloom-univision export (no model and image tokenizer configs in it)"
+        )
     model = UniVision(UniVisionConfig(**metadata["model"]))
-    tokenizer = MingTok(MingTokConfig(**metadata["mingtok"]))
+    tokenizer = kind.build(kind.config_cls(**metadata[kind.name]))
     model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     tokenizer.load_state_dict(
         {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}

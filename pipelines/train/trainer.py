@@ -79,20 +79,21 @@ def export_path(cfg: UniloomConfig) -> str:
 
 
 def effective_config(cfg: UniloomConfig) -> tuple[UniloomConfig, str]:
-    """The config as the data stage saw it (the MingTok weights' own architecture and
-    resolved path: pipelines/data/image_tokenizer.resolve_weights), and the MingTok
-    fingerprint the shards must carry."""
+    """The config as the data stage saw it (the tokenizer weights' own architecture, as
+    the section of their kind, and resolved path: pipelines/data/image_tokenizer.resolve_weights),
+    and the tokenizer fingerprint the shards must carry."""
+    from uniloom.models.generation import check_tokenizer
     from uniloom.pipelines.data.image_tokenizer import fingerprint, resolve_weights
+    from uniloom.pipelines.tokenizer.kinds import kind_for_config
 
-    uri, weights, mingtok = resolve_weights(cfg)
-    cfg = dataclasses.replace(cfg, mingtok=mingtok, data=dataclasses.replace(cfg.data, tokenizer_weights=uri))
-    m = cfg.model
-    if (m.semantic_dim, m.latent_dim) != (mingtok.sem_width, mingtok.latent_dim):
-        raise UniloomError(
-            f"model.semantic_dim/latent_dim ({m.semantic_dim}/{m.latent_dim}) must equal the MingTok's "
-            f"semantic width/latent dim ({mingtok.sem_width}/{mingtok.latent_dim}, from {uri})"
-        )
-    return cfg, fingerprint(mingtok, weights)
+    uri, weights, tok_cfg = resolve_weights(cfg)
+    data = dataclasses.replace(cfg.data, tokenizer_weights=uri)
+    cfg = dataclasses.replace(cfg, data=data, **{kind_for_config(tok_cfg).name: tok_cfg})
+    try:
+        check_tokenizer(cfg.model, tok_cfg)
+    except ValueError as e:
+        raise UniloomError(f"{e}: the tokenizer weights {uri} do not fit the model section") from None
+    return cfg, fingerprint(tok_cfg, weights)
 
 
 def expert_parallel_size(cfg: UniloomConfig, workers: int) -> int:
@@ -340,6 +341,7 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
 
 def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
     """Export the last checkpoint as one safetensors file; log and register it."""
+    from uniloom.pipelines.tokenizer.kinds import kind_of
     from uniloom.pipelines.train.checkpoint import Reader
     from uniloom.pipelines.train.metrics import RATES
     from uniloom.pipelines.train.registry import export_model, log_and_register, record_lineage
@@ -349,7 +351,7 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
         meta = reader.meta
         metadata = {
             "model": to_dict(cfg.model),
-            "mingtok": to_dict(cfg.mingtok),
+            cfg.model.image_kind: to_dict(kind_of(cfg).config(cfg)),  # the tokenizer's config
             "image_tokenizer": job["image_tokenizer"],
             "text_tokenizer": job["text_tokenizer"],
             "stage": meta["stage"],

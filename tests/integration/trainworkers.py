@@ -79,7 +79,7 @@ def _parity(rank: int, world: int, shadow_min_slots: int, shm: bool) -> None:
     b = batch(rank)  # each rank its own tokens: the all-to-all really moves them
 
     def hidden(m):
-        f = m.features(b.image_latents)
+        f = m.kind.loss_inputs(m.tokenizer, b)["image_features_PD"]
         return m.model(
             b.input_ids, f, b.image_mask, position_ids_BT=b.position_ids, doc_ids_BT=b.doc_ids
         ).hidden

@@ -164,3 +164,37 @@ def test_the_peak_table_names_specific_gpus_before_the_names_they_contain():
     assert peak_bf16("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16("NVIDIA L40S") == 362e12 and peak_bf16("NVIDIA L4") == 121e12
     assert peak_bf16("NVIDIA GeForce GTX 1080") is None  # unknown: MFU says so, never guesses
+
+
+@pytest.mark.parametrize("kind", ["unitok", "tuna"])
+def test_training_flops_of_the_other_kinds_match_torchs_count(kind):
+    """UniTok: exactly (its code embedding is a lookup). TUNA: but what runs once per image
+    (the time token, the velocity head blocks' modulation), which TrainingFlops leaves out."""
+    from uniloom.models import sequence
+    from uniloom.pipelines.tokenizer.kinds import KINDS
+    from uniloom.pipelines.train.flops import TrainingFlops, batch_counts
+    from uniloom.pipelines.train.module import Trainee
+
+    cfg = _small()
+    cfg.tokenizer.kind = cfg.model.image_kind = kind  # and the keys that follow (config.py DERIVED):
+    cfg.model.num_codebooks, cfg.model.codebook_size = cfg.unitok.num_codebooks, cfg.unitok.codebook_size
+    cfg.tuna.llm_width = cfg.model.hidden
+    cfg.model.depth_width, cfg.model.depth_heads, cfg.model.depth_layers = 32, 2, 1
+    cfg.unitok.image_size = cfg.tuna.image_size = 32
+    kind_cfg = KINDS[kind].config(cfg)
+    torch.manual_seed(0)
+    trainee = Trainee(cfg.model, kind_cfg)
+    N, X = KINDS[kind].token_shape(kind_cfg)
+    g = torch.Generator().manual_seed(0)
+    image = lambda: (torch.randint(0, kind_cfg.codebook_size, (N, X), generator=g) if kind == "unitok"  # noqa: E731
+                     else torch.randn(N, X, generator=g))  # fmt: skip
+    T = cfg.train.seq_len
+    makers = [lambda k: sequence.text_only(list(range(20, 20 + k))),
+              lambda k: sequence.text_to_image(list(range(20, 20 + k)), image()),
+              lambda k: sequence.understanding(image(), list(range(30, 30 + k)), [40, 41])]  # fmt: skip
+    batch = sequence.pack([next(s for k in range(1, T) if len(s := make(k)) == T) for make in makers], T)
+    counted, flops = _counted(trainee, batch), TrainingFlops.of(cfg).total(batch_counts(batch))
+    if kind == "unitok":
+        assert flops == counted
+    else:
+        assert 0.97 * counted < flops < counted

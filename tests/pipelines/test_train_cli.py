@@ -16,7 +16,7 @@ def test_bad_requests_fail_with_one_clear_line(cli, tmp_path):
     cases = [
         ((*base, "--stage", "9"), "--stage 9: the recipe has stages 1..4 (align, joint, sft, edit)"),
         ((*base, "--stage", "1", "--recipe"), "--stage and --recipe exclude each other"),
-        ((*base, "--set", "model.semantic_dim=96"), "model.semantic_dim/latent_dim (96/32) must equal"),
+        ((*base, "--set", "model.semantic_dim=96"), "does not match the model (semantic 96, latent 32)"),
         ((*base, "--set", "model.semantic_dim=64"), "make the shards with `uniloom data run --output"),
     ]
     for args, message in cases:

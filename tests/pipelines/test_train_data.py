@@ -175,7 +175,7 @@ def test_latents_come_back_exactly_and_a_foreign_tokenizer_is_refused(shard_file
     s = TaskSampler(StageConfig(mix={"text_to_image": 1.0}), t, "m1")(row, 0)
     stored = np.frombuffer(row["latents"], np.float32).reshape(16, 32)
     assert torch.equal(s.image_latents, torch.from_numpy(stored.copy()))
-    with pytest.raises(UniloomError, match="MingTok m1, expected m2"):
+    with pytest.raises(UniloomError, match="image tokenizer m1, expected m2"):
         TaskSampler(MIX, t, "m2")(row, 0)
 
 

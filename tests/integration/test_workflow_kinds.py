@@ -1,0 +1,53 @@
+"""`uniloom run --set tokenizer.kind=unitok|tuna` end to end on small budgets: the kind's
+tokenizer trained under Ray Train, its shards, the four-stage recipe on two Ray Train
+workers, evaluation and registration (`uniloom-<kind>` and `uniloom-univision`); then
+`uniloom generate` and a two-round `uniloom edit` with the registered unified model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from smallkinds import SMALL
+from trainshards import uniloom
+from workflowrun import BUDGETS, STAGES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("kind", ["unitok", "tuna"])
+def test_the_workflow_of_each_kind_registers_a_model_that_generates_and_edits(kind, tmp_path, report):
+    from mlflow.tracking import MlflowClient
+
+    ws = tmp_path / "ws"
+    sets = [
+        *BUDGETS,
+        "corpus.size=32",
+        f"tokenizer.kind={kind}",
+        *(f"{kind}.{k}={v}" for k, v in SMALL[kind].items()),
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    result = uniloom("run", "--workspace", str(ws), *args, "--json", cwd=tmp_path, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ran"] == STAGES
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    assert {m.name for m in client.search_registered_models()} == {f"uniloom-{kind}", "uniloom-univision"}
+    (version,) = client.search_model_versions("name='uniloom-univision'")
+    metrics = summary["metrics"]
+    assert 0 <= metrics["eval.geneval_overall"] <= 1 and np.isfinite(metrics["eval.tokenizer_psnr"])
+    report(f"uniloom run, tokenizer.kind={kind}, small budgets: {summary['seconds']} s")
+
+    uri = f"models:/uniloom-univision/{version.version}"
+    common = ["--model", uri, "--set", f"workspace={ws}", "--steps", "2", "--json"]
+    drawn = uniloom("generate", "a red circle", "--out", str(tmp_path / "gen"), *common, cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    (image,) = json.loads(drawn.stdout.strip().splitlines()[-1])["images"]
+    assert np.asarray(Image.open(image)).shape == (32, 32, 3)
+    edited = uniloom("edit", image, "--instruction", "make the circle blue", "--instruction", "move it left",
+                     "--out", str(tmp_path / "edit"), *common, cwd=tmp_path)  # fmt: skip
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    rounds = json.loads(edited.stdout.strip().splitlines()[-1])["images"]
+    assert [Path(p).name for p in rounds] == ["round1-0.png", "round2-0.png"]
+    assert all(np.asarray(Image.open(p)).shape == (32, 32, 3) for p in rounds)
