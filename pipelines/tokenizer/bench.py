@@ -13,7 +13,8 @@ probe scenes:
     encode             images/s of the kind's `values`, timed in alternating rounds
 
 The unified model's columns (GenEval, VQA, 2-round edit after equal training budgets) wait
-for the unified recipe to take every kind (issue 20 item 5): they say so, with no number.
+for the bench to train the unified model per kind (the workflow does; the bench not yet):
+they say so, with no number.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from uniloom.pipelines.tokenizer.evaluate import (
 )
 from uniloom.pipelines.tokenizer.kinds import KINDS, kind_for
 
-NOT_YET = "not yet (issue 20 item 5)"
+NOT_YET = "not yet (issue 20 item 6)"
 UNIFIED_COLUMNS = ("geneval_overall", "vqa_accuracy", "edit_2_rounds")
 GRID_LABEL_WIDTH = 64
 LEGEND = (

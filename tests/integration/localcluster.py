@@ -9,6 +9,13 @@ holds the defaults). Both `ray start` calls run in sessions of their own, and th
 cluster's processes are found and stopped by PID through those session ids (Ray's agents
 rename themselves over their command line and environment, and outlive their raylet when
 it is killed first), so other Ray instances on the machine are untouched.
+
+With `private` folders (e.g. /tmp and /dev/shm), every worker node runs in a mount
+namespace of its own (`unshare --mount --propagation private`, as root) where each of
+them is an empty tmpfs: the worker node and the head share no file there, as nodes of a
+real cluster share no disk. Their network is one, so the worker node still reaches the
+head and every server on 127.0.0.1. It reads Ray's token from RAY_AUTH_TOKEN, since the
+token file may lie in a hidden folder.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,8 +42,9 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, root: Path, cpus_per_node: int = 1):
+    def __init__(self, root: Path, cpus_per_node: int = 1, private: tuple[str, ...] = ()):
         self.root = root
+        self.private = private
         self.temp_dir = Path(f"/tmp/ul-{secrets.token_hex(3)}")  # short: unix socket paths
         self.token_path = root / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
@@ -43,6 +52,7 @@ class LocalCluster:
         self.dashboard_port = free_port()
         self.cpus = cpus_per_node
         self.sessions: set[int] = set()
+        self.workers: list[int] = []  # the worker nodes' sessions, oldest first
         inherited = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
         self.env = {
             **inherited,
@@ -70,19 +80,49 @@ class LocalCluster:
         ]  # fmt: skip
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         self._start(head, env)
+        self._wait(lambda: len(self.alive_node_ids()) == 1, timeout, "the head node")
+        self.start_worker(timeout)
+        return self
+
+    def _wait(self, condition, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while not condition():
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not come up within {timeout} s")
+            time.sleep(1)
+
+    def start_worker(self, timeout: float = 120) -> None:
+        """Start one more worker node and wait until the GCS counts it alive."""
         worker = [
             sys.executable, __file__, "worker", f"--address=127.0.0.1:{self.gcs_port}",
             "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats", *self._ports(),
         ]  # fmt: skip
-        self._start(worker, self.env)
-        deadline = time.time() + timeout
-        while (nodes := self.alive_nodes()) < 2:
-            if time.time() > deadline:
-                raise RuntimeError(f"only {nodes} of 2 Ray nodes came up within {timeout} s")
-            time.sleep(1)
-        return self
+        env = self.env
+        if self.private:
+            mounts = " && ".join(f"mount -t tmpfs uniloom-node {shlex.quote(d)}" for d in self.private)
+            worker = ["unshare", "--mount", "--propagation", "private", "--",
+                      "sh", "-c", f'{mounts} && exec "$@"', "sh", *worker]  # fmt: skip
+            env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+            env["RAY_AUTH_TOKEN"] = self.token_path.read_text()
+        before = self.alive_node_ids()
+        self.workers.append(self._start(worker, env))
+        self._wait(lambda: self.alive_node_ids() - before, timeout, "the worker node")
 
-    def _start(self, cmd: list[str], env: dict[str, str]) -> None:
+    def kill_worker(self) -> None:
+        """SIGKILL every process of the newest worker node (raylet, agents, its Ray workers):
+        the node is lost as a machine is, with no chance to clean up."""
+        session = self.workers.pop()
+        for pid in self.pids({session}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while self.pids({session}) and time.time() < deadline:
+            time.sleep(0.2)
+
+    def _start(self, cmd: list[str], env: dict[str, str]) -> int:
+        """Run a `ray start` in a session of its own; its session id."""
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -90,15 +130,18 @@ class LocalCluster:
         out, _ = proc.communicate(timeout=180)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{out.decode(errors='replace')}")
+        return proc.pid
 
-    def alive_nodes(self) -> int:
+    def alive_node_ids(self) -> set[str]:
         out = subprocess.run(
             [str(BIN / "ray"), "list", "nodes", f"--address=127.0.0.1:{self.gcs_port}", "--filter", "state=ALIVE", "--format=json"],
             env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        return len(json.loads(out.stdout)) if out.returncode == 0 else 0
+        return {n["node_id"] for n in json.loads(out.stdout)} if out.returncode == 0 else set()
 
-    def pids(self) -> list[int]:
+    def pids(self, sessions: set[int] | None = None) -> list[int]:
+        """PIDs of the cluster's processes (of `sessions` only, when given)."""
+        sessions = self.sessions if sessions is None else sessions
         out = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -108,7 +151,7 @@ class LocalCluster:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            if fields[0] != "Z" and int(fields[3]) in self.sessions:
+            if fields[0] != "Z" and int(fields[3]) in sessions:
                 out.append(int(proc.name))
         return [p for p in out if p != os.getpid()]
 
