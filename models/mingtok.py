@@ -205,6 +205,15 @@ class MingTok(nn.Module):
         preset's (another resolution)."""
         return self.semantic_decoder(self.denormalize(latents), cache=cache, total=total)
 
+    def slot_features(self, latents_PC):
+        """Semantic features (P, D) of a batch's image slots (P, L): each run of num_tokens
+        latents is one image, decoded causally in full (the unified model's input rows)."""
+        P, C = latents_PC.shape
+        N = self.cfg.num_tokens
+        if P % N:
+            raise ValueError(f"{P} image slots are not whole images of {N} tokens")
+        return self.decode_semantic(latents_PC.view(P // N, N, C)).reshape(P, -1)
+
     def decode_pixels(self, features, clamp: bool = True):
         """features (B, N, D) -> images (B, 3, H, W) in [-1, 1] (unclamped for training)."""
         return self.pixel_decoder(features, clamp=clamp)

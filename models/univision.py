@@ -57,7 +57,7 @@ from uniloom.models.transformer import DecoderBlock
 from uniloom.models.unitok_head import CodeEmbedding, DepthHead
 from uniloom.models.univision_config import UniVisionConfig
 
-__all__ = ["DecoderOutput", "Losses", "UniVision", "UniVisionConfig", "image_features"]
+__all__ = ["DecoderOutput", "Losses", "UniVision", "UniVisionConfig"]
 
 
 @dataclass
@@ -244,7 +244,7 @@ class UniVision(nn.Module):
 
     def loss(self, batch: Batch, image_features_PD=None, *, tuna=None, generator=None) -> Losses:
         """The training objective of a (packed) batch. mingtok: image_features_PD are the
-        MingTok semantic features of batch.image_latents (see `image_features`); unitok:
+        MingTok semantic features of batch.image_latents (MingTok.slot_features); unitok:
         batch.image_latents are the codes; tuna: `tuna` is the TUNA tokenizer (models/tuna.py)
         whose cascade reads batch.image_latents (latent tokens), noised with `generator`."""
         kind = self.cfg.image_kind
@@ -398,13 +398,3 @@ def _per_task(values_N, task_N, name: str) -> dict[str, float]:
         if i >= 0:
             out[f"{TASKS[i]}/{name}"] = values_N[task_N == i].mean().item()
     return out
-
-
-def image_features(tokenizer, image_latents_PC, tokens_per_image: int):
-    """MingTok semantic features (P, D) of a batch's slots: each run of `tokens_per_image`
-    latents is one image, decoded causally in full (as in training the semantic decoder)."""
-    P, C = image_latents_PC.shape
-    if P % tokens_per_image:
-        raise ValueError(f"{P} image slots are not whole images of {tokens_per_image} tokens")
-    latents = image_latents_PC.view(P // tokens_per_image, tokens_per_image, C)
-    return tokenizer.decode_semantic(latents).reshape(P, -1)

@@ -129,17 +129,13 @@ class MingTokKind(Kind):
 
         import torch
 
-        from uniloom.models.univision import image_features
-
         latents_PC = batch.image_latents
         if latents_PC.shape[0] == 0:
             return {"image_features_PD": None}
         decoder = tokenizer.semantic_decoder
         frozen = not any(p.requires_grad for p in decoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            features = image_features(
-                tokenizer, latents_PC.to(decoder.proj.weight.dtype), tokenizer.cfg.num_tokens
-            )
+            features = tokenizer.slot_features(latents_PC.to(decoder.proj.weight.dtype))
         return {"image_features_PD": features}
 
     def token_flow_head(self, model):

@@ -15,7 +15,7 @@ import torch
 from uniloom.models import sequence as sq
 from uniloom.models.mingtok import MingTok
 from uniloom.models.special_tokens import SPECIAL_IDS, SPECIAL_TOKENS
-from uniloom.models.univision import UniVision, UniVisionConfig, image_features
+from uniloom.models.univision import UniVision, UniVisionConfig
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.corpus.render import render
 from uniloom.pipelines.corpus.scenes import sample_scene, scene_objects
@@ -225,7 +225,7 @@ def test_overfit_eight_scenes(report):
     ]
     batch = sq.pack(samples, sum(len(s) for s in samples))
     with torch.no_grad():
-        feats = image_features(tokenizer, batch.image_latents, tok_cfg.num_tokens)
+        feats = tokenizer.slot_features(batch.image_latents)
 
     # The tiny architecture with a half-width, half-depth backbone keeps 200 steps near 20 s
     # of one CPU core. The flow loss falls only as far as the head pins x0 down (its target
