@@ -4,6 +4,7 @@ so `uniloom generate --model FILE` works from any folder with nothing beside the
 import dataclasses
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,28 @@ TOK = MingTokConfig(image_size=32, patch_size=8, latent_dim=8, enc_width=32, enc
                     sem_width=32, sem_depth=1, sem_heads=2, pix_width=32, pix_depth=1, pix_heads=2,
                     pix_patch_size=4)  # fmt: skip
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle left of a red circle"] * 4
+
+
+@contextmanager
+def registered(cfg, export: Path, monkeypatch):
+    """Log and register `export` in cfg's workspace MLflow; yields the registered model's
+    info. The tracking URI, which tracking.configure sets, is restored after the block."""
+    import mlflow
+
+    from uniloom.pipelines import tracking
+    from uniloom.pipelines.train.registry import log_and_register
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    try:
+        tracking.configure(cfg)
+        with mlflow.start_run() as run:
+            pass
+        yield log_and_register(
+            cfg, export, {"mlflow_run_id": run.info.run_id}, {"global_step": 0, "losses": []}
+        )
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +105,14 @@ def test_the_registered_model_carries_the_export_and_its_tokenizer_alone(checkpo
     """Models from code (pipelines/train/pyfunc_model.py): the one artifact is the export."""
     import mlflow
 
-    from uniloom.pipelines import tracking
     from uniloom.pipelines.config import load_config
-    from uniloom.pipelines.train.registry import log_and_register
 
     folder, metadata, text = checkpoint
     ws = tmp_path / "ws"
     made = export_model(ckpt.Reader(folder), tmp_path / "model.safetensors", metadata, text)
     cfg = load_config("tiny", overrides=[f"workspace={ws}"])
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # configure() sets it; restored after
-    before = mlflow.get_tracking_uri()
-    try:
-        tracking.configure(cfg)
-        with mlflow.start_run() as run:
-            pass
-        info = log_and_register(
-            cfg, made, {"mlflow_run_id": run.info.run_id}, {"global_step": 0, "losses": []}
-        )
+    with registered(cfg, made, monkeypatch) as info:
         logged = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "logged")))
-    finally:
-        mlflow.set_tracking_uri(before)
     assert [p.name for p in (logged / "artifacts").iterdir()] == ["model.safetensors"]
     made.unlink()  # the registry keeps its own copy
     alone = tmp_path / "elsewhere"

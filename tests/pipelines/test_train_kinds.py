@@ -192,28 +192,17 @@ def test_the_registered_pyfunc_of_each_kind_generates_answers_and_edits(exported
     import pandas as pd
     from PIL import Image
 
-    from uniloom.pipelines import tracking
-    from uniloom.pipelines.train.registry import log_and_register
+    from tests.pipelines.test_train_export import registered
 
     kind, export, _ = exported
     cfg = config(kind, f"workspace={tmp_path / 'ws'}")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    before = mlflow.get_tracking_uri()
-    try:
-        tracking.configure(cfg)
-        with mlflow.start_run() as run:
-            pass
-        info = log_and_register(
-            cfg, export, {"mlflow_run_id": run.info.run_id}, {"global_step": 0, "losses": []}
-        )
+    with registered(cfg, export, monkeypatch) as info:
         model = mlflow.pyfunc.load_model(f"models:/uniloom-univision/{info.registered_model_version}")
         drawn = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"steps": 1})
         png = drawn["image"][0]
         rows = pd.DataFrame({"prompt": ["what colour?", "make it blue"], "image": [png, png],
                              "task": ["answer", "edit"]})  # fmt: skip
         other = model.predict(rows, params={"steps": 1, "max_new_tokens": 2})
-    finally:
-        mlflow.set_tracking_uri(before)
     assert model.metadata.signature.inputs.input_names() == ["prompt", "image", "task"]
     assert np.asarray(Image.open(io.BytesIO(png))).shape == (32, 32, 3)
     assert isinstance(other["text"][0], str) and other["image"][0] == b""
