@@ -291,7 +291,8 @@ def describe(name: str, version: str, figures: dict[str, float], failures: list[
     }
     gate = "; ".join(failures) or "passed"
     tags = {**{f"eval.{k}": f"{v:.4g}" for k, v in heads.items()}, "gate": gate}
-    trained = [f"{label} {lineage[key]}" for key, label in LINEAGE if key in lineage]
+    names = {"tokenizer.version": f"{lineage.get('tokenizer.name', MINGTOK_NAME)} version"}
+    trained = [f"{names.get(key, label)} {lineage[key]}" for key, label in LINEAGE if key in lineage]
     intervals = {r["metric"]: r for r in rows(figures)}
     shown = [f"{k} {v:.4g}{_interval(intervals.get(k))}" for k, v in heads.items()]
     text = (
@@ -312,7 +313,7 @@ def _interval(row: dict[str, Any] | None) -> str:
 LINEAGE = (
     ("data.fingerprint", "data"),
     ("data.rows", "rows"),
-    ("tokenizer.version", f"{MINGTOK_NAME} version"),
+    ("tokenizer.version", "image tokenizer version"),  # describe() names it by tokenizer.name
 )
 NOT_FIGURES = ("registered_version", "steps")  # in a stage's metrics, but no evaluation
 

@@ -105,6 +105,7 @@ class PlainLoop:
         load_tokenizer(self.model, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.set_trainable(stage.trainable)
         anchor_tokenizer(self.model, stage, cfg.data.tokenizer_weights, cfg.data.storage_options)
+        self.model.input_noise = self.t.input_noise
         self.device = torch.device(where)
         self.model.to(self.device)
         self.precision = precision.resolve(self.t.precision, self.device)

@@ -124,6 +124,9 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 64  # rows, per worker
     guidance_drop: float = 0.1  # share of generation samples trained unconditionally (half text, half turn)
+    # MingTok: the std bound of the noise on what the model reads of the images it draws
+    # (pipelines/train/module.py); the flow targets stay clean. 0: off
+    input_noise: float = 0.0
     vqa_share: float = 0.5  # share of understanding samples that are VQA (rest: captioning)
     read_cpus: float = 0.25  # Ray CPUs per Parquet read task
     # Loop
@@ -154,3 +157,5 @@ class TrainConfig:
             raise ValueError("betas: two numbers")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
+        if self.input_noise < 0:
+            raise ValueError("input_noise must be >= 0")

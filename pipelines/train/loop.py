@@ -98,6 +98,7 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
         ckpt.load_weights(trainee, reader)
     trainee.set_trainable(stage.trainable)
     anchor_tokenizer(trainee, stage, job["tokenizer_weights"], cfg.data.storage_options)
+    trainee.input_noise = t.input_noise
     expert_parallel.mark_for_deepspeed(trainee, ep)
     opt = deepspeed_config.optimizer(trainee, t, stage)
     engine, *_ = deepspeed.initialize(

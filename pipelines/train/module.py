@@ -14,11 +14,18 @@ tokenizer stage's semantic decoder: the MSE between its features and that frozen
 reference's, on the same latents, is added to the loss (and logged as `loss_anchor`).
 In a unit test (tests/pipelines/test_train_anchor.py) 15 steps at a high rate cost the
 exported tokenizer 2.5 dB of PSNR without it and 0.25 dB with it (weight 1).
+
+`input_noise` (train.input_noise) noises what the model reads of the images it learns to
+draw: each generated image's latents get Gaussian noise of a std drawn per image from
+U(0, input_noise) before the semantic decoder, while the flow targets stay clean (MingTok
+only: UniTok's codes are discrete, TUNA noises its own latents). A model trained on clean
+prefixes copies what it has drawn so far and never learns to draw an object's first,
+barely covered patch from the caption; generation then fixes the colour at random.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -49,6 +56,7 @@ class Trainee(nn.Module):
         self.tokenizer = self.kind.build(tokenizer_cfg)
         self.tokens_per_image = tokenizer_cfg.num_tokens
         self.anchor_weight = 0.0
+        self.input_noise = 0.0  # train.input_noise: see the module's docstring
         # Plain tensors, not parameters or buffers: the reference is never trained, saved
         # or exported (it is the tokenizer stage's, which the run can always read again).
         self.reference: dict[str, torch.Tensor] = {}
@@ -89,12 +97,27 @@ class Trainee(nn.Module):
         with torch.no_grad():
             return torch.func.functional_call(decoder, self.reference, (z,)).reshape(P, -1)
 
+    def noised(self, batch: Batch) -> Batch:
+        """`batch` as the model reads it in training: with input_noise, the latents of its
+        generated images (P, C) plus noise of a std drawn per image from U(0, input_noise);
+        `batch` itself where there is nothing to noise."""
+        latents_PC = batch.image_latents
+        if not (self.training and self.input_noise) or not latents_PC.is_floating_point():
+            return batch
+        N = self.tokens_per_image
+        generated_P = batch.image_targets[batch.image_mask]  # (P,)
+        sigma_I = torch.rand(latents_PC.shape[0] // N, device=latents_PC.device) * self.input_noise
+        sigma_P = sigma_I.repeat_interleave(N) * generated_P
+        noise_PC = sigma_P[:, None].to(latents_PC.dtype) * torch.randn_like(latents_PC)
+        return replace(batch, image_latents=latents_PC + noise_PC)
+
     def forward(self, batch: Batch) -> TraineeLosses:
-        inputs = self.kind.loss_inputs(self.tokenizer, batch)
+        read = self.noised(batch)
+        inputs = self.kind.loss_inputs(self.tokenizer, read)
         losses = self.model.loss(batch, **inputs)
         features = inputs.get("image_features_PD")
         if not (self.anchor_weight and features is not None and features.requires_grad):
             return TraineeLosses(**vars(losses), anchor=torch.zeros((), device=losses.total.device))
-        anchor = F.mse_loss(features, self.reference_features(batch.image_latents))
+        anchor = F.mse_loss(features, self.reference_features(read.image_latents))
         total = losses.total + self.anchor_weight * anchor
         return TraineeLosses(**{**vars(losses), "total": total}, anchor=anchor.detach())

@@ -206,6 +206,7 @@ def record_lineage(job: dict[str, Any], storage_options: dict[str, Any], version
         "text_tokenizer": job["text_tokenizer"],
     }
     if job.get("tokenizer_version"):
+        tags["tokenizer.name"] = job["tokenizer_name"]
         tags["tokenizer.version"] = str(job["tokenizer_version"])
     client = mlflow_client()
     for key, value in tags.items():

@@ -314,11 +314,13 @@ def train(cfg: UniloomConfig, stage: int | None = None, workers: int | None = No
     origin = f" of run {start.run} (from {start.uri})" if start else ""
     echo(f"run {run_name(cfg)} in {storage_uri(cfg)}: {plan.describe()}{origin}")
     job["mlflow_uri"], job["mlflow_run_id"] = _mlflow_run(cfg, fs, run_dir, run_name(cfg))
+    from uniloom.pipelines.tokenizer.kinds import kind_of
+
+    job["tokenizer_name"] = kind_of(cfg).registered_name
     if tokenizer_version is None:  # a standalone `uniloom train`: the version of these weights
-        from uniloom.pipelines.tokenizer.kinds import kind_of
         from uniloom.pipelines.tokenizer.registry import version_of_weights
 
-        tokenizer_version = version_of_weights(kind_of(cfg).registered_name, image_fp)
+        tokenizer_version = version_of_weights(job["tokenizer_name"], image_fp)
     job["tokenizer_version"] = tokenizer_version
     if start is not None:
         import mlflow

@@ -209,7 +209,7 @@ def test_registered_versions_carry_their_lineage_and_evaluation(registry, tmp_pa
     manifest.save()
     run = client.create_run(experiment)
     job = {"mlflow_run_id": run.info.run_id, "shards_uri": str(tmp_path / "data"), "image_tokenizer": "i" * 16,
-           "text_tokenizer": "t" * 16, "tokenizer_version": "2"}  # fmt: skip
+           "text_tokenizer": "t" * 16, "tokenizer_name": "uniloom-unitok", "tokenizer_version": "2"}  # fmt: skip
     record_lineage(job, {}, "2")
     cfg = load_config("tiny", overrides=[f"workspace={folder}"])
     done = {
@@ -233,7 +233,9 @@ def test_registered_versions_carry_their_lineage_and_evaluation(registry, tmp_pa
     assert version.tags["tokenizer.version"] == "2" and version.tags["text_tokenizer"] == "t" * 16
     assert version.tags["eval.geneval_overall"] == "0.8" and version.tags["eval.vqa_accuracy"] == "0.9"
     assert version.tags["gate"] == "passed" and "eval.geneval_overall_lo" not in version.tags
-    assert f"data {fingerprint}, rows 42, uniloom-mingtok version 2" in version.description
+    # the description names the image tokenizer the run recorded (a UniTok run's, here)
+    assert version.tags["tokenizer.name"] == "uniloom-unitok"
+    assert f"data {fingerprint}, rows 42, uniloom-unitok version 2" in version.description
     assert "geneval_overall 0.8 (n 96, 95% 0.740-0.860)" in version.description
     mingtok = client.get_model_version(MINGTOK_NAME, "2")
     assert mingtok.tags["eval.psnr"] == "35" and mingtok.tags["eval.detector_agreement"] == "0.99"
