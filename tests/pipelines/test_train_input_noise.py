@@ -42,7 +42,9 @@ def test_only_the_drawn_images_are_read_noisy_each_at_its_own_level():
     torch.testing.assert_close(changed_P, batch.image_targets[batch.image_mask])
     drawn = (read.image_latents - clean)[changed_P].view(2, TOK.num_tokens, -1)
     levels = drawn.std(dim=(1, 2))
-    assert 0 < levels.min() and levels.max() < 0.5 * 1.5 and not torch.isclose(levels[0], levels[1], rtol=0.05)
+    assert (
+        0 < levels.min() and levels.max() < 0.5 * 1.5 and not torch.isclose(levels[0], levels[1], rtol=0.05)
+    )
     trainee.eval()
     assert trainee.noised(batch) is batch  # evaluation reads what it drew
     trainee.train()
