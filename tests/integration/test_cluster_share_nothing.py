@@ -5,7 +5,8 @@ are empty tmpfs (tests/integration/localcluster.py). The workspace is a bucket o
 S3 server and MLflow a tracking server, both on 127.0.0.1. `uniloom submit -- run` runs
 every stage there, unified training with one worker on each node (expert parallel across
 them); the worker node is lost mid-training and a new one joins, and training resumes
-from the checkpoint in the bucket."""
+from the checkpoint in the bucket. The bucket's run equals the quickstart's local one
+(the same budgets: the same stages and rows), and a rerun skips every stage."""
 
 import json
 import subprocess
@@ -32,7 +33,9 @@ STEPS = 10  # the budgets' align 3 + joint 3 + sft 2 + edit 2
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, quickstart):
+    """The two-node cluster, started after the quickstart's local run (which the bucket's
+    run is compared with) so that the local run never meets a cluster on this machine."""
     c = LocalCluster(tmp_path_factory.mktemp("share-nothing"), cpus_per_node=2, private=PRIVATE)
     try:
         yield c.start()
@@ -86,7 +89,7 @@ def ray_list(cluster: LocalCluster, *args: str) -> list[dict]:
 
 
 def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node(
-    cluster, s3_server, tmp_path, cli, report
+    cluster, quickstart, s3_server, tmp_path, cli, report
 ):
     fs = s3fs.S3FileSystem(**s3_server, use_listings_cache=False)  # polled for new files
     fs.mkdir(BUCKET)
@@ -125,12 +128,27 @@ def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node
         killer.join(timeout=300)  # the new worker node is up
         nodes, actors = ray_list(cluster, "nodes"), ray_list(cluster, "actors", "--limit=10000")
         models = {m.name for m in mlflow.MlflowClient(server.uri()).search_registered_models()}
+        # run again from this machine on the same bucket and tracking server
+        again = cli("run", "--workspace", f"s3://{workspace}", *sets, "--json", cwd=tmp_path, env=env_vars)
     finally:
         done.set()
         server.stop()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith('{"')))
     assert summary["ran"] == STAGES
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["skipped"] == STAGES and rerun["ran"] == []
+
+    # the same rows as the quickstart's run in a local folder, with the same budgets
+    local = json.loads((quickstart[0] / "ws" / "workflow.json").read_text())["stages"]
+    first = {f"{stage}.{k}": v for stage, state in local.items() for k, v in state["metrics"].items()}
+    rows = ("corpus.corpus_samples", "corpus.corpus_shards", "data.read", "data.written", "data.quarantined")
+    assert sorted(local) == sorted(STAGES)
+    assert {k: summary["metrics"][k] for k in rows} == {k: first[k] for k in rows}
+    for name, path in (("data.shards", "data"), ("train.export", "univision/univision.safetensors"),
+                       ("tokenizer.weights", "mingtok/mingtok.safetensors")):  # fmt: skip
+        assert summary["outputs"][name] == f"s3://{workspace}/{path}"
 
     # the worker node was lost after a checkpoint and before the end; the restarted group
     # (the head and the new worker node) restored that checkpoint from the bucket
@@ -155,4 +173,5 @@ def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node
         assert any(f"{workspace}/{folder}" in p for p in stored), folder
     assert not any(p.is_file() for p in (server.root / "artifacts").rglob("*"))  # all in the bucket
     report(f"uniloom submit -- run, two share-nothing nodes, worker node lost at {lost['checkpoint']}: "
-           f"{seconds} s (training resumed at step {meta['resumes'][0]['global_step']} of {STEPS})")  # fmt: skip
+           f"{seconds} s (training resumed at step {meta['resumes'][0]['global_step']} of {STEPS}); "
+           f"rerun from this machine: every stage skipped in {rerun['seconds']} s")  # fmt: skip

@@ -1,7 +1,8 @@
 """A workspace on object storage (moto's S3 server on 127.0.0.1): the workflow state is
 versioned objects, MLflow tracks to a server (a real one on 127.0.0.1) and stores
 artifacts beside the workspace, every stage's outputs are in the bucket (only logs and
-caches stay on this node), and `uniloom run` there equals a run in a local folder."""
+caches stay on this node), and the corpus and data stages there equal a run in a local
+folder. The whole `uniloom run` on a bucket: test_cluster_share_nothing.py."""
 
 import json
 import posixpath
@@ -11,7 +12,6 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 from mlflowserver import MlflowServer
-from workflowrun import BUDGETS, STAGES
 
 from uniloom.models.mingtok_config import MingTokConfig
 from uniloom.pipelines.config import CorpusConfig, UniloomConfig, load_config
@@ -170,43 +170,3 @@ def test_corpus_and_data_stages_on_s3_equal_a_local_run(s3, server, tmp_path, ra
     assert fs.exists(f"{BUCKET}/corpus-and-data/data/_manifest.json")
     assert remote[0].result.outputs["corpus"] == f"s3://{BUCKET}/corpus-and-data/corpus"
     assert len(fs.ls(f"{BUCKET}/corpus-and-data/corpus")) == 3
-
-
-def test_uniloom_run_on_s3_equals_a_local_run(quickstart, s3_server, server, tmp_path, cli, report):
-    """`uniloom run --workspace s3://...` with the quickstart's small budgets, credentials
-    and endpoints from the environment as on a cluster (no storage options): the same
-    stages run and the same rows come out as in the quickstart's local folder (the same
-    budgets), both models are registered, and a rerun skips every stage."""
-    fs = s3fs.S3FileSystem(**s3_server)
-    fs.mkdir("run-bucket")
-    sets = [arg for budget in BUDGETS for arg in ("--set", budget)]
-    local = json.loads((quickstart[0] / "ws" / "workflow.json").read_text())["stages"]
-    endpoint = s3_server["endpoint_url"]
-    env = {
-        "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
-        "MLFLOW_TRACKING_URI": server.uri(),
-    }  # fmt: skip
-    command = ["run", "--workspace", "s3://run-bucket/ws", *sets, "--json"]
-    remote = cli(*command, cwd=tmp_path, env=env)
-    assert remote.returncode == 0, remote.stderr[-3000:]
-    again = cli(*command, cwd=tmp_path, env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
-
-    second, rerun = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (remote, again))
-    assert sorted(local) == sorted(second["ran"]) and second["ran"] == STAGES and rerun["skipped"] == STAGES
-    rows = ("corpus.corpus_samples", "corpus.corpus_shards", "data.read", "data.written", "data.quarantined")
-    first = {
-        f"{stage}.{name}": value for stage, state in local.items() for name, value in state["metrics"].items()
-    }
-    assert {k: second["metrics"][k] for k in rows} == {k: first[k] for k in rows}
-    assert second["outputs"]["data.shards"] == "s3://run-bucket/ws/data"
-    assert second["outputs"]["train.export"] == "s3://run-bucket/ws/univision/univision.safetensors"
-    assert second["outputs"]["tokenizer.weights"] == "s3://run-bucket/ws/mingtok/mingtok.safetensors"
-    client = mlflow.MlflowClient(server.uri())
-    assert {m.name for m in client.search_registered_models()} == {"uniloom-mingtok", "uniloom-univision"}
-    stored = fs.find("run-bucket/ws")
-    for folder in ("workflow/", "corpus/", "data/shards/", "ray_results/", "mlartifacts/"):
-        assert any(f"run-bucket/ws/{folder}" in p for p in stored), folder
-    assert [p.name for p in tmp_path.iterdir()] == ["server"]  # nothing of the run here
-    report(f"uniloom run, tiny budgets: s3 {second['seconds']} s, s3 rerun {rerun['seconds']} s")
