@@ -19,7 +19,7 @@ from uniloom.pipelines import progress
 from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.data.fs import open_fs
 from uniloom.pipelines.workflow import Stage, StageResult, code_fingerprint
-from uniloom.pipelines.workspace import fetch, is_remote, publish, scratch, workspace_uri
+from uniloom.pipelines.workspace import fetched, is_remote, publish, scratch, workspace_uri
 
 MINGTOK_NAME = "uniloom-mingtok"  # the default kind's; every kind's is kinds.py `registered_name`
 UNIVISION_NAME = "uniloom-univision"
@@ -53,9 +53,10 @@ def _corpus(cfg: UniloomConfig, _: dict[str, StageResult]) -> StageResult:
     shards = synthesize(cfg.corpus, local / "corpus", progress=shard_written)
     photos = write_photos(local / "photos")
     if is_remote(cfg.workspace):  # written here, then stored in the workspace for every node
-        *shards, photos = [
-            publish(cfg, f, workspace_uri(cfg, *f.relative_to(local).parts)) for f in [*shards, photos]
-        ]
+        written = [*shards, photos]
+        *shards, photos = [publish(cfg, f, workspace_uri(cfg, *f.relative_to(local).parts)) for f in written]
+        for f in written:  # stored: this node keeps no copy
+            f.unlink()
     return StageResult(
         outputs={"corpus": posixpath.dirname(str(shards[0])), "photos": str(photos)},
         metrics={"corpus_samples": float(cfg.corpus.num), "corpus_shards": float(len(shards))},
@@ -214,8 +215,8 @@ def _eval(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     from uniloom.pipelines.evaluate.report import format_table, log_evaluation
     from uniloom.pipelines.evaluate.univision import evaluate_bundle, load_bundle, on_device
 
-    export = str(fetch(cfg, done["train"].outputs["export"]))
-    bundle = load_bundle(export, done["data"].outputs["shards"], cfg.data.storage_options)
+    with fetched(cfg, done["train"].outputs["export"]) as export:
+        bundle = load_bundle(str(export), done["data"].outputs["shards"], cfg.data.storage_options)
     bundle = on_device(bundle, cfg.eval)
     _echo(f"{cfg.eval.scenes} test scenes (corpus seed {cfg.corpus.seed})")
     evaluation = evaluate_bundle(bundle, cfg.eval, cfg.corpus.seed, cfg.corpus.max_objects,

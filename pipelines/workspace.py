@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,29 @@ def fetch(cfg: UniloomConfig, uri: str) -> Path:
         with store_error(fs, "read", path):
             fs.get_file(path, str(local))
     return local
+
+
+@contextmanager
+def staging(cfg: UniloomConfig, uri: str) -> Iterator[Path]:
+    """`local_for(cfg, uri)` for the block; on a remote workspace the scratch copy is gone
+    after it (publish it inside the block), so nodes do not keep every file they wrote."""
+    local = local_for(cfg, uri)
+    try:
+        yield local
+    finally:
+        if is_remote(uri):
+            local.unlink(missing_ok=True)
+
+
+@contextmanager
+def fetched(cfg: UniloomConfig, uri: str) -> Iterator[Path]:
+    """`fetch(cfg, uri)` for the block; a copy fetched from a remote store is removed after."""
+    local = fetch(cfg, uri)
+    try:
+        yield local
+    finally:
+        if is_remote(uri):
+            local.unlink(missing_ok=True)
 
 
 def ray_storage(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:

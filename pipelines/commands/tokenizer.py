@@ -39,7 +39,7 @@ def train(corpus, steps, max_minutes, num_workers, run_name, restart, cfg, as_js
 
 
 @tokenizer.command(name="eval")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Tokenizer safetensors [exported path].")
+@click.option("--weights", help="Tokenizer safetensors, a path or URL [the workspace's export].")
 @click.option("--corpus", type=click.Path(file_okay=False), help="Corpus tars [preset: <workspace>/corpus].")
 @click.option("--limit", type=int, help="Held-out images to score [tokenizer.eval_limit; 0: all].")
 @config_options
@@ -50,10 +50,12 @@ def evaluate(weights, corpus, limit, cfg, as_json) -> None:
     from uniloom.pipelines.tokenizer.evaluate import probe_accuracy, reconstruction_metrics
     from uniloom.pipelines.tokenizer.train import split_shards
     from uniloom.pipelines.tokenizer.weights import default_path, load_tokenizer
+    from uniloom.pipelines.workspace import fetched
 
     apply_cli_values(cfg, "tokenizer", corpus=corpus, eval_limit=limit)
-    path = Path(weights) if weights else default_path(cfg)
-    model = load_tokenizer(path)
+    path = weights or default_path(cfg)
+    with fetched(cfg, path) as local:  # a URL (a remote workspace's export): copied here
+        model = load_tokenizer(local)
     _, held = split_shards(cfg)
     samples = read_tars(held, model.cfg.image_size, limit=cfg.tokenizer.eval_limit or None)
     note(f"scoring reconstructions of {len(samples.keys)} held-out images from {len(held)} shard(s)")
@@ -67,7 +69,7 @@ def evaluate(weights, corpus, limit, cfg, as_json) -> None:
 @tokenizer.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Tokenizer safetensors [exported path].")
+@click.option("--weights", help="Tokenizer safetensors, a path or URL [the workspace's export].")
 @config_options
 @json_option
 def reconstruct(images, out, weights, cfg, as_json) -> None:
@@ -78,8 +80,10 @@ def reconstruct(images, out, weights, cfg, as_json) -> None:
     from uniloom.pipelines.tokenizer.data import decode_image
     from uniloom.pipelines.tokenizer.evaluate import psnr, reconstruct_all
     from uniloom.pipelines.tokenizer.weights import default_path, load_tokenizer
+    from uniloom.pipelines.workspace import fetched
 
-    model = load_tokenizer(Path(weights) if weights else default_path(cfg))
+    with fetched(cfg, weights or default_path(cfg)) as local:  # a URL: copied here
+        model = load_tokenizer(local)
     decoded = []
     for name in images:  # every file is checked before any is written
         path = Path(name)

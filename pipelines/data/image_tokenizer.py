@@ -63,7 +63,7 @@ def resolve_weights(cfg):
         from uniloom.pipelines.tokenizer.weights import default_path
 
         uri = str(default_path(cfg))
-        fs, path = open_fs(uri, {})
+        fs, path = open_fs(uri, cfg.data.storage_options)
         if not fs.exists(path):
             raise UniloomError(
                 f"no tokenizer weights: data.tokenizer_weights is not set and {uri} does not exist; {HOW_TO}"

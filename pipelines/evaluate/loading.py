@@ -1,12 +1,13 @@
-"""Resolve `--model` for inference commands: an MLflow model URI (models:/NAME@ALIAS,
-runs:/...) or the path of an exported safetensors file."""
+"""Resolve `--model` for inference commands: an exported safetensors file (a path or any
+fsspec URL, `s3://.../univision.safetensors`) or an MLflow model URI (models:/NAME@ALIAS,
+runs:/..., a logged model's folder on a store)."""
 
 from __future__ import annotations
 
 from uniloom.pipelines.config import UniloomConfig
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.evaluate.univision import Bundle, load_bundle, on_device
-from uniloom.pipelines.workspace import fetch
+from uniloom.pipelines.workspace import fetched
 
 
 def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
@@ -17,7 +18,7 @@ def resolve_model(cfg: UniloomConfig, model: str | None) -> Bundle:
 def _load(cfg: UniloomConfig, model: str | None) -> Bundle:
     from uniloom.pipelines.train.trainer import export_path, shards_uri
 
-    if model and ":/" in model:
+    if model and ":/" in model and not model.endswith(".safetensors"):
         import mlflow
 
         from uniloom.pipelines.tracking import configure
@@ -31,7 +32,7 @@ def _load(cfg: UniloomConfig, model: str | None) -> Bundle:
         if not hasattr(python_model, "text"):
             raise UniloomError(f"{model} is not a uniloom-univision model")
         return Bundle(python_model.model, python_model.tokenizer, python_model.text, {})
-    path = fetch(cfg, model or export_path(cfg))  # a remote workspace's export: copied here
-    if not path.is_file():
-        raise UniloomError(f"unknown model {model or path}: no such file or MLflow model URI")
-    return load_bundle(str(path), shards_uri(cfg), cfg.data.storage_options)
+    with fetched(cfg, model or export_path(cfg)) as path:  # a remote file: copied here, then removed
+        if not path.is_file():
+            raise UniloomError(f"unknown model {model or path}: no such file or MLflow model URI")
+        return load_bundle(str(path), shards_uri(cfg), cfg.data.storage_options)

@@ -26,7 +26,7 @@ from uniloom.pipelines.config import UniloomConfig, to_dict
 from uniloom.pipelines.data.fs import join, open_fs
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.tokenizer.data import image_of, read_tars, shard_paths, tar_samples
-from uniloom.pipelines.workspace import local_for, publish, ray_storage, scratch, workspace_uri
+from uniloom.pipelines.workspace import publish, ray_storage, scratch, staging, workspace_uri
 
 
 def corpus_dir(cfg: UniloomConfig) -> str:
@@ -199,9 +199,6 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
             calibrated = kind.calibrate(model, torch.from_numpy(sample).float().div(127.5).sub(1.0))
             if calibrated:
                 echo(f"latent normalisation calibrated: shift {calibrated[0]:.4f}, scale {calibrated[1]:.4f}")
-        target = default_path(cfg)
-        weights = save_tokenizer(model, local_for(cfg, target))
-        publish(cfg, weights, target)  # on a remote workspace: every node reads it there
         echo(f"evaluating on {len(heldout.keys)} held-out images and {t.probe_test} probe scenes")
         metrics = reconstruction_metrics(model, heldout)
         metrics.update(probe_accuracy(model, cfg.corpus.seed, t.probe_train, t.probe_test))
@@ -212,10 +209,14 @@ def train_tokenizer(cfg: UniloomConfig, restart: bool = False, echo: Callable[[s
             heldout.images[:32].transpose(0, 2, 3, 1), reconstruct_all(model, heldout.images[:32])
         )
         mlflow.log_image(grid, "reconstructions/final.png")
-        mlflow.log_artifact(str(weights), artifact_path="weights")
-        info = log_and_register(weights, kind, m, cfg.data.latent_dtype, t.register)
-        if getattr(info, "registered_model_version", None):
-            tag_weights(cfg, kind.registered_name, str(info.registered_model_version), weights)
+        target = default_path(cfg)
+        with staging(cfg, target) as local:  # a remote workspace: a scratch copy, gone after
+            weights = save_tokenizer(model, local)
+            publish(cfg, weights, target)  # on a remote workspace: every node reads it there
+            mlflow.log_artifact(str(weights), artifact_path="weights")
+            info = log_and_register(weights, kind, m, cfg.data.latent_dtype, t.register)
+            if getattr(info, "registered_model_version", None):
+                tag_weights(cfg, kind.registered_name, str(info.registered_model_version), weights)
         return {
             "weights": target,
             "run_dir": str(run_dir),

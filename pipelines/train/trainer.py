@@ -38,7 +38,7 @@ from uniloom.pipelines.train.data import (
     find_shards,
     read_dataset,
 )
-from uniloom.pipelines.workspace import local_for, publish, ray_storage, workspace_uri
+from uniloom.pipelines.workspace import publish, ray_storage, staging, workspace_uri
 
 REGISTERED_NAME = "uniloom-univision"
 PREFIXES = "uniloom-prefixes.json"  # in a run's folder: {"prefixes": {stage: prefix fingerprint}}
@@ -365,9 +365,10 @@ def finish(cfg: UniloomConfig, result, job: dict[str, Any]) -> dict[str, Any]:
             "started_from": meta.get("started_from"),  # another run's stage end this run started after
         }
         text = text_tokenizer(job["shards_uri"], cfg.data.storage_options)  # embedded: the file stands alone
-        out = export_model(reader, local_for(cfg, export_path(cfg)), metadata, text)
-        publish(cfg, out, export_path(cfg))  # on a remote workspace: every node reads it there
-    model_info = log_and_register(cfg, out, job, meta)
+        with staging(cfg, export_path(cfg)) as local:  # a remote workspace: a scratch copy, gone after
+            out = export_model(reader, local, metadata, text)
+            publish(cfg, out, export_path(cfg))  # on a remote workspace: every node reads it there
+            model_info = log_and_register(cfg, out, job, meta)
     version = getattr(model_info, "registered_model_version", None)
     record_lineage(job, cfg.data.storage_options, None if version is None else str(version))
     losses = meta["losses"]

@@ -9,6 +9,7 @@ from the checkpoint in the bucket. The bucket's run equals the quickstart's loca
 (the same budgets: the same stages and rows), and a rerun skips every stage."""
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +23,9 @@ import yaml
 from localcluster import BIN, LocalCluster
 from mlflowserver import MlflowServer
 from workflowrun import BUDGETS, STAGES
+
+from uniloom.pipelines.config import load_config
+from uniloom.pipelines.workspace import scratch
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +105,9 @@ def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node
         "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
         "MLFLOW_TRACKING_URI": server.uri(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }  # fmt: skip
+    # the head's scratch for this workspace (the driver runs there): logs, never shared state
+    head_scratch = scratch(load_config("tiny", overrides=[f"workspace=s3://{workspace}"]))
+    shutil.rmtree(head_scratch, ignore_errors=True)
     runtime_env = tmp_path / "runtime_env.yaml"
     runtime_env.write_text(yaml.safe_dump({"env_vars": env_vars}))
     first_nodes, lost, done = cluster.alive_node_ids(), {}, threading.Event()
@@ -172,6 +179,8 @@ def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node
     for folder in ("workflow/", "corpus/", "mingtok/", "data/shards/", "univision/", "mlartifacts/"):
         assert any(f"{workspace}/{folder}" in p for p in stored), folder
     assert not any(p.is_file() for p in (server.root / "artifacts").rglob("*"))  # all in the bucket
+    kept = [p for p in head_scratch.rglob("*") if p.suffix in (".tar", ".parquet", ".safetensors")]
+    assert not kept, kept  # what was published or read is not left on the node
     report(f"uniloom submit -- run, two share-nothing nodes, worker node lost at {lost['checkpoint']}: "
            f"{seconds} s (training resumed at step {meta['resumes'][0]['global_step']} of {STEPS}); "
            f"rerun from this machine: every stage skipped in {rerun['seconds']} s")  # fmt: skip
