@@ -171,6 +171,9 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_mask: torch.Tensor | None = None  # (B, S) bool
+        # (B,) long, what aligning image starts has added to the positions so far
+        # (models/sequence.align_image_starts); None: nothing
+        self.position_shift: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -199,6 +202,7 @@ class KVCache:
         out.keys = [None if k is None else fn(k) for k in self.keys]
         out.values = [None if v is None else fn(v) for v in self.values]
         out.key_mask = None if self.key_mask is None else fn(self.key_mask)
+        out.position_shift = None if self.position_shift is None else fn(self.position_shift)
         return out
 
     def repeat(self, n: int) -> KVCache:

@@ -281,6 +281,34 @@ def turn_ids(batch: Batch) -> torch.Tensor:
     return starts_BT.flatten().cumsum(0).view_as(starts_BT)
 
 
+def align_image_starts(input_ids_BT, position_ids_BT, visible_BT, stride: int, shift_B=None):
+    """Positions with every visible <image_start> moved up to the next multiple of `stride`
+    (UniVisionConfig.image_stride), and each row's shift at the end (B,) for the next call
+    of a cached generation. position_ids count visible tokens, restarting at 0 for every
+    document (a visible 0 restarts the shift too); `shift_B` is the shift carried in from
+    before this call (default 0). Rows have a handful of images, so the scan is over them."""
+    B, T = input_ids_BT.shape
+    shift_B = torch.zeros(B, dtype=torch.long) if shift_B is None else shift_B.detach().cpu().long()
+    starts = ((input_ids_BT == SPECIAL_IDS[IMAGE_START]) & visible_BT).cpu()
+    restarts = ((position_ids_BT == 0) & visible_BT & (input_ids_BT != SPECIAL_IDS[PAD])).cpu()
+    plain = position_ids_BT.detach().cpu().long()
+    shift_BT = torch.zeros(B, T, dtype=torch.long)
+    end_B = shift_B.clone()
+    for b in range(B):
+        shift, t0 = int(shift_B[b]), 0
+        for t in (starts[b] | restarts[b]).nonzero().flatten().tolist():
+            shift_BT[b, t0:t] = shift
+            shift = 0 if restarts[b, t] else shift
+            if starts[b, t]:
+                p = int(plain[b, t]) + shift
+                shift += -p % stride  # up to the next multiple
+            t0 = t
+        shift_BT[b, t0:] = shift
+        end_B[b] = shift
+    device = position_ids_BT.device
+    return position_ids_BT + shift_BT.to(device), end_B.to(device)
+
+
 def collate(samples: Sequence[Sample], seq_len: int | None = None) -> Batch:
     """One sample per row, padded to `seq_len` (default: the longest)."""
     seq_len = seq_len or max(len(s) for s in samples)

@@ -51,7 +51,7 @@ from uniloom.kernels import use_triton
 from uniloom.kernels.linear_ce import linear_cross_entropy
 from uniloom.models.blocks import KVCache, RMSNorm, attention_mask, rope_angles, square_grid
 from uniloom.models.flow_head import FlowHead
-from uniloom.models.sequence import IGNORE, TASKS, Batch, turn_ids
+from uniloom.models.sequence import IGNORE, TASKS, Batch, align_image_starts, turn_ids
 from uniloom.models.special_tokens import IMAGE_START, SPECIAL_IDS
 from uniloom.models.transformer import DecoderBlock
 from uniloom.models.unitok_head import CodeEmbedding, DepthHead
@@ -193,6 +193,13 @@ class UniVision(nn.Module):
             past = cache.visible_count(B, device) if cache is not None else torch.zeros(B, device=device)
             km = key_mask_BT.long()
             position_ids_BT = past.long()[:, None] + km.cumsum(1) - km
+        if self.cfg.image_stride:
+            carried = None if cache is None else cache.position_shift
+            position_ids_BT, shift_B = align_image_starts(
+                input_ids_BT, position_ids_BT, key_mask_BT, self.cfg.image_stride, carried
+            )
+            if cache is not None:
+                cache.position_shift = shift_B
         all_keys_BS = cache.extend_mask(key_mask_BT) if cache is not None else key_mask_BT
         _, image_ids_BT = self.image_positions(input_ids_BT, image_mask_BT)
         mask = attention_mask(all_keys_BS, T, doc_ids_BT, image_ids_BT)

@@ -47,6 +47,12 @@ class UniVisionConfig:
     flow_depth: int = 12
     flow_mlp_mult: float = 4.0
     flow_batch_mul: int = 4  # flow-loss samples (t, noise) per image token, as MAR's diffusion_batch_mul
+    # Image starts aligned to multiples of this many positions (0: off, positions count the
+    # tokens). Each turn's image then sits a whole number of strides after the one before,
+    # so an edit's target patch j is one fixed RoPE offset from its source's patch j
+    # whatever the instruction's length: copying what the edit leaves is one relative
+    # pattern. Needs stride >= an image's tokens plus the text between two images.
+    image_stride: int = 0
     # MingTok hybrid tokens (as HART pairs discrete tokens with a residual diffusion): a
     # softmax head predicts which of `coarse_codes` k-means centres of the training latents
     # the next latent is nearest, and the flow head, conditioned on that code, draws the
@@ -96,5 +102,7 @@ class UniVisionConfig:
             )
         if self.coarse_codes and (self.coarse_codes < 2 or self.image_kind != "mingtok"):
             raise ValueError("coarse_codes needs image_kind mingtok and at least 2 codes (0: off)")
+        if self.image_stride < 0:
+            raise ValueError("image_stride must be >= 0 (0: off)")
         if self.flow_batch_mul < 1 or self.flow_steps < 1:
             raise ValueError("flow_batch_mul and flow_steps must be at least 1")

@@ -26,7 +26,16 @@ train` compares against. Every `--eval-every` steps, with the model's own sampli
                                   too, and training first trades them for the image prefix
     drawn_colour                  the colour of the latent the flow head draws there (coarse
                                   code drawn too), by a probe fitted on true latents
+    edit_success, edit_kept,      with `--edits N` (and an `--editing` share of the batches):
+    edit_psnr_target/_source      one edit round on N validation scenes, fed the rendered
+                                  source: success as `uniloom eval` judges it, the share of
+                                  objects the edit leaves that stay where they were, and
+                                  the PSNR of the output to the target and to the source
 and at the end GenEval on `--scenes` validation scenes of every kind.
+
+    # model.image_stride (editing: 55% edit chains as in the recipe's edit stage):
+    python notebooks/ablate.py --shards ws/data --weights MINGTOK --out stride.json \
+        --t2i 0.25 --editing 0.55 --edits 96 --set model.image_stride=128
 """
 
 import argparse
@@ -41,10 +50,18 @@ from uniloom.models.generation import draw_code
 from uniloom.pipelines import precision
 from uniloom.pipelines.config import load_config
 from uniloom.pipelines.corpus.scenes import BACKGROUND, COLORS
-from uniloom.pipelines.evaluate.benchmark import GENERATION_KINDS, held_out, score_generation
+from uniloom.pipelines.evaluate.benchmark import (
+    GENERATION_KINDS,
+    EvalItem,
+    edit_succeeded,
+    held_out,
+    scene_objects,
+    score_generation,
+)
 from uniloom.pipelines.evaluate.config import EvalConfig
-from uniloom.pipelines.evaluate.detector import detect
+from uniloom.pipelines.evaluate.detector import detect, match
 from uniloom.pipelines.evaluate.univision import Bundle, _render, _unit, model_callables
+from uniloom.pipelines.tokenizer.evaluate import psnr
 from uniloom.pipelines.train.bench import PlainLoop
 from uniloom.pipelines.train.config import StageConfig
 from uniloom.pipelines.train.data import coarse_centers, find_shards
@@ -118,6 +135,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--t2i", type=float, default=0.7, help="text-to-image share; the rest understanding")
     p.add_argument("--text", type=float, default=0.05, help="text-only share")
+    p.add_argument("--editing", type=float, default=0.0, help="edit-chain share")
+    p.add_argument("--edits", type=int, default=0, help="validation scenes for the edit round (0: none)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--single", type=int, default=120)
@@ -126,7 +145,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config("tiny", overrides=[f"train.shards={a.shards}", f"data.tokenizer_weights={a.weights}",
                                          "train.micro_batch=8", *a.set])  # fmt: skip
-    mix = {"understanding": round(1 - a.t2i - a.text, 3), "text_to_image": a.t2i, "text": a.text}
+    mix = {"understanding": round(1 - a.t2i - a.text - a.editing, 3), "text_to_image": a.t2i, "text": a.text,
+           "editing": a.editing}  # fmt: skip
     stage = StageConfig(["projector", "flow_head", "llm"], {k: v for k, v in mix.items() if v}, 1.5e-3, a.steps,
                         warmup_steps=a.warmup, min_lr_ratio=0.1, anchor_weight=0.0)  # fmt: skip
     loop = PlainLoop(cfg, stage, "cpu")
@@ -139,12 +159,34 @@ def main() -> None:
     bundle = Bundle(model, tok, text, {})
     single = held_out(0, a.single, 4, kinds=("single",), split="val")
     items = held_out(cfg.corpus.seed, a.scenes, cfg.corpus.max_objects, kinds=GENERATION_KINDS, split="val")
+    edit_items = [  # the first round of each chain
+        EvalItem(i.key, {**i.scene, "edits": i.scene["edits"][:1]})
+        for i in held_out(cfg.corpus.seed, a.edits, cfg.corpus.max_objects, split="val")
+    ]
+
+    def edit_round(edit_chains) -> dict:
+        size = tok.cfg.image_size
+        outputs = [chain[0] for chain in edit_chains(edit_items)]
+        success, kept, anchored_n, to_target, to_source = [], 0, 0, [], []
+        for item, image in zip(edit_items, outputs):
+            before, change = item.scene["objects"], item.scene["edits"][0]
+            success.append(edit_succeeded(before, change, image))
+            old_boxes = {tuple(o["bbox"]) for o in before}
+            anchored = [o for o in scene_objects(change["objects"]) if o.bbox in old_boxes]
+            kept += len(match(detect(image), anchored))
+            anchored_n += len(anchored)
+            to_target.append(psnr(_render(change["objects"], size)[None], image[None])[0])
+            to_source.append(psnr(_render(before, size)[None], image[None])[0])
+        return {"edit_success": float(np.mean(success)), "edit_kept": kept / max(anchored_n, 1),
+                "edit_psnr_target": float(np.mean(to_target)), "edit_psnr_source": float(np.mean(to_source))}  # fmt: skip
 
     def evaluate(step: int) -> dict:
         model.eval()
         result = {"step": step, **colour_probes(model, tok, bundle.encode)}
         with precision.autocast(loop.precision, loop.device):
-            generate_images, _, _ = model_callables(bundle, EvalConfig(batch=40))
+            generate_images, _, edit_chains = model_callables(bundle, EvalConfig(batch=40))
+            if edit_items:
+                result |= edit_round(edit_chains)
             found = [detect(image) for image in generate_images([i.scene["caption"] for i in single])]
             for attr in ("color", "shape"):
                 hits = [

@@ -13,6 +13,7 @@ import torch
 from uniloom.models import sequence as sq
 from uniloom.models.generation import edit, generate, generate_text, prefill
 from uniloom.models.mingtok import MingTok, MingTokConfig
+from uniloom.models.special_tokens import EOS, IMAGE_END, IMAGE_PATCH, IMAGE_START, SPECIAL_IDS
 from uniloom.models.univision import UniVision, UniVisionConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,10 +28,12 @@ CFG = UniVisionConfig(vocab_size=48, hidden=32, num_layers=2, num_heads=4, num_k
 N = TOK.num_tokens
 
 
-@pytest.fixture
-def models():
+@pytest.fixture(params=[0, 16], ids=["positions", "aligned_image_starts"])
+def models(request):
+    """The model with plain positions, and with image starts aligned (model.image_stride):
+    every property of the cache holds for both."""
     torch.manual_seed(0)
-    model, tokenizer = UniVision(CFG).eval(), MingTok(TOK).eval()
+    model, tokenizer = UniVision(replace(CFG, image_stride=request.param)).eval(), MingTok(TOK).eval()
     with torch.no_grad():  # a flow head that is not the zero-initialised identity
         for p in model.flow_head.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -174,3 +177,50 @@ def test_mismatched_tokenizer_is_rejected(models):
     other = MingTok(replace(TOK, sem_width=64))
     with pytest.raises(ValueError, match="does not match"):
         generate(model, other, [[20]])
+
+
+def test_aligned_image_starts_restart_with_each_document_and_carry_through_the_cache():
+    S = SPECIAL_IDS[IMAGE_START]
+    ids = torch.tensor([[1, S, 2, 2, 3, 1, 1, S, 2, 1, S]])  # a second document starts at index 9
+    plain = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1]])
+    visible = torch.ones_like(ids, dtype=torch.bool)
+    pos, shift = sq.align_image_starts(ids, plain, visible, 4)
+    assert pos.tolist() == [[0, 4, 5, 6, 7, 8, 9, 12, 13, 0, 4]] and shift.tolist() == [3]
+    # hidden tokens neither move nor count; a call continues from the shift carried in
+    visible[0, 7] = False
+    pos, _ = sq.align_image_starts(ids[:, :9], plain[:, :9], visible[:, :9], 4)
+    assert pos[0, 7:].tolist() == [10, 11]
+    pos, shift = sq.align_image_starts(ids[:, 7:9], torch.tensor([[7, 8]]), visible[:, 7:9] | True, 4,
+                                       torch.tensor([3]))  # fmt: skip
+    assert pos.tolist() == [[12, 13]] and shift.tolist() == [5]
+    # the model reads those positions: aligned starts are plain positions moved up
+    torch.manual_seed(0)
+    plain_model = UniVision(CFG).eval()
+    aligned_model = UniVision(replace(CFG, image_stride=4)).eval()
+    aligned_model.load_state_dict(plain_model.state_dict())
+    ids = torch.tensor([[20, S, 21, 22, 23, S, 24]])
+    moved, _ = sq.align_image_starts(ids, torch.arange(7)[None], torch.ones_like(ids, dtype=torch.bool), 4)
+    assert moved.tolist() == [[0, 4, 5, 6, 7, 8, 9]]
+    with torch.no_grad():
+        torch.testing.assert_close(aligned_model(ids).hidden, plain_model(ids, position_ids_BT=moved).hidden)
+        assert not torch.allclose(aligned_model(ids).hidden, plain_model(ids).hidden)
+
+
+def test_a_cached_second_turn_equals_the_whole_conversation_in_one_call(models):
+    """The positions the cache carries are the ones one forward over the conversation
+    (as training reads it) gives: with aligned image starts, the second image's start
+    sits a whole number of strides after the first's."""
+    model, tokenizer = models
+    first = generate(
+        model, tokenizer, [[20]], guidance=False, render=False, generator=torch.Generator().manual_seed(0)
+    )
+    p = sq.prompt([21, 22, 23])
+    with torch.no_grad():
+        h, _ = prefill(model, [p], first.state, guidance=False)
+        turn1 = sq.prompt([20])
+        ids = torch.cat([turn1.input_ids, torch.full((N,), SPECIAL_IDS[IMAGE_PATCH]),
+                         torch.tensor([SPECIAL_IDS[IMAGE_END], SPECIAL_IDS[EOS]]), p.input_ids])  # fmt: skip
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(turn1.input_ids) : len(turn1.input_ids) + N] = True
+        whole = model(ids[None], first.features[0], mask[None]).hidden[0, -1]
+    torch.testing.assert_close(h[0], whole, atol=1e-5, rtol=1e-5)

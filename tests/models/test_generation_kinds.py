@@ -44,9 +44,9 @@ KINDS = ["mingtok", "unitok", "tuna"]
 S = SPECIAL_IDS
 
 
-def build(kind: str):
+def build(kind: str, **model_cfg):
     torch.manual_seed(0)
-    model = UniVision(replace(CFG, image_kind=kind)).eval()
+    model = UniVision(replace(CFG, image_kind=kind, **model_cfg)).eval()
     cls, cfg = TOKENIZERS[kind]
     tokenizer = cls(cfg).eval()
     # Flow heads start at v = 0, which ignores its condition: move them off it.
@@ -82,9 +82,10 @@ def conversation(kind, model, tokenizer, prompts, turn):
     return ids, ids == S[IMAGE_PATCH], rows
 
 
+@pytest.mark.parametrize("stride", [0, 16], ids=["positions", "aligned_image_starts"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_generated_image_and_state_equal_the_full_forward(kind):
-    model, tokenizer = build(kind)
+def test_generated_image_and_state_equal_the_full_forward(kind, stride):
+    model, tokenizer = build(kind, image_stride=stride)
     prompts = [[20, 21, 22], [23, 24, 25]]  # equal lengths: no padding in the full forward
     temperature = 0.0 if kind == "unitok" else 1.0  # greedy codes; flows replay their noise
     turn = generate(model, tokenizer, prompts, guidance=False, temperature=temperature, render=False,
