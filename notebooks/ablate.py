@@ -34,8 +34,9 @@ train` compares against. Every `--eval-every` steps, with the model's own sampli
 and at the end GenEval on `--scenes` validation scenes of every kind.
 
     # model.image_stride (editing: 55% edit chains as in the recipe's edit stage):
-    python notebooks/ablate.py --shards ws/data --weights MINGTOK --out stride.json \
-        --t2i 0.25 --editing 0.55 --edits 96 --set model.image_stride=128
+    python notebooks/ablate.py --shards ws/data --weights MINGTOK --out stride.json --t2i 0.25 \
+        --editing 0.55 --edits 128 --steps 3000 --eval-every 1000 --single 60 --scenes 128 \
+        --set model.image_stride=128
 """
 
 import argparse
