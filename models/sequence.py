@@ -286,27 +286,32 @@ def align_image_starts(input_ids_BT, position_ids_BT, visible_BT, stride: int, s
     (UniVisionConfig.image_stride), and each row's shift at the end (B,) for the next call
     of a cached generation. position_ids count visible tokens, restarting at 0 for every
     document (a visible 0 restarts the shift too); `shift_B` is the shift carried in from
-    before this call (default 0). Rows have a handful of images, so the scan is over them."""
+    before this call (default 0). On the device, without a loop or a host sync: once a start
+    is aligned, the next one in its document moves up by -(its distance from the previous
+    start) mod stride, so the shifts are a cumulative sum of those moves per document."""
     B, T = input_ids_BT.shape
-    shift_B = torch.zeros(B, dtype=torch.long) if shift_B is None else shift_B.detach().cpu().long()
-    starts = ((input_ids_BT == SPECIAL_IDS[IMAGE_START]) & visible_BT).cpu()
-    restarts = ((position_ids_BT == 0) & visible_BT & (input_ids_BT != SPECIAL_IDS[PAD])).cpu()
-    plain = position_ids_BT.detach().cpu().long()
-    shift_BT = torch.zeros(B, T, dtype=torch.long)
-    end_B = shift_B.clone()
-    for b in range(B):
-        shift, t0 = int(shift_B[b]), 0
-        for t in (starts[b] | restarts[b]).nonzero().flatten().tolist():
-            shift_BT[b, t0:t] = shift
-            shift = 0 if restarts[b, t] else shift
-            if starts[b, t]:
-                p = int(plain[b, t]) + shift
-                shift += -p % stride  # up to the next multiple
-            t0 = t
-        shift_BT[b, t0:] = shift
-        end_B[b] = shift
     device = position_ids_BT.device
-    return position_ids_BT + shift_BT.to(device), end_B.to(device)
+    plain_BT = position_ids_BT.long()
+    carried_B = (
+        torch.zeros(B, dtype=torch.long, device=device) if shift_B is None else shift_B.long().to(device)
+    )
+    starts_BT = (input_ids_BT == SPECIAL_IDS[IMAGE_START]) & visible_BT
+    restarts_BT = (plain_BT == 0) & visible_BT & (input_ids_BT != SPECIAL_IDS[PAD])
+    t_BT = torch.arange(T, device=device).expand(B, T)
+    none_BT = torch.full_like(t_BT, -1)
+    last_restart_BT = torch.where(restarts_BT, t_BT, none_BT).cummax(1).values  # -1: none yet
+    last_start_BT = torch.where(starts_BT, t_BT, none_BT).cummax(1).values
+    prev_start_BT = torch.cat([none_BT[:, :1], last_start_BT[:, :-1]], 1)  # the start before t
+    same_doc_BT = (prev_start_BT >= 0) & (prev_start_BT >= last_restart_BT)
+    # where each start's aligned position is counted from: the previous start in its document,
+    # else the document's first position less the shift it starts with (carried, or 0)
+    base_BT = torch.where(last_restart_BT < 0, -carried_B[:, None], 0)
+    ref_BT = torch.where(same_doc_BT, plain_BT.gather(1, prev_start_BT.clamp_min(0)), base_BT)
+    move_BT = torch.where(starts_BT, (ref_BT - plain_BT) % stride, 0)
+    total_BT = move_BT.cumsum(1)
+    before_restart_BT = (total_BT - move_BT).gather(1, last_restart_BT.clamp_min(0))
+    shift_BT = torch.where(last_restart_BT < 0, carried_B[:, None] + total_BT, total_BT - before_restart_BT)
+    return position_ids_BT + shift_BT, shift_BT[:, -1]
 
 
 def collate(samples: Sequence[Sample], seq_len: int | None = None) -> Batch:
