@@ -3,8 +3,9 @@ on one GPU (GPU time is scarce: this is ready and tested before it first meets o
 
     1. the data stage's MingTok encoder (the encoder actor's own `Encoder.encode`: pinned
        staging, bf16) at the base preset's 256 px: images/s on one GPU
-    2. `uniloom bench train --preset base`: tokens/s of the real training loop, model FLOPs
-       per token, MFU against the GPU's dense bf16 peak, peak memory
+    2. `uniloom bench train --preset base --profile`: tokens/s of the real training loop,
+       model FLOPs per token, MFU against the GPU's dense bf16 peak, peak memory, and where
+       the plain loop's time goes (the GPU's busy share, matmul share, top kernels)
     3. the GPU tests (tests/gpu, pytest), one file per step: the data stage with a GPU
        encoder actor, MingTok training steps, unified training with ZeRO 2 and expert
        parallelism on one GPU, a resume, generate and edit
@@ -47,14 +48,27 @@ class Step:
 
 def steps(python: str = sys.executable) -> list[Step]:
     uniloom = str(Path(python).with_name("uniloom"))
-    tests = [Step(f"gpu tests: {name}", limit, [python, "-m", "pytest", "-v", "-rs", "--durations=5",
-                                                str(REPO / "tests" / "gpu" / f"test_{name}_gpu.py")])
-             for name, limit in zip(GPU_TESTS, (90, 90, 260))]  # measured on an H200: train 216 s
+    tests = [
+        Step(
+            f"gpu tests: {name}",
+            limit,
+            [
+                python,
+                "-m",
+                "pytest",
+                "-v",
+                "-rs",
+                "--durations=5",
+                str(REPO / "tests" / "gpu" / f"test_{name}_gpu.py"),
+            ],
+        )
+        for name, limit in zip(GPU_TESTS, (90, 90, 260))
+    ]  # measured on an H200: train 216 s
     return [
         Step("encoder images/s", 40, [python, "-m", "uniloom.pipelines.gpu_check", "--encode"]),
         # one warm-up and one timed window of 4 optimizer steps per side (4 x 8,192 tokens each)
         Step("bench train (base)", 200, [uniloom, "bench", "train", "--preset", "base", "--images", "1024",
-                                         "--steps", "4", "--rounds", "1", "--json"]),
+                                         "--steps", "4", "--rounds", "1", "--profile", "--json"]),
         *tests,
     ]  # fmt: skip
 
@@ -152,8 +166,9 @@ def report(summary: dict) -> list[str]:
     lines = []
     for key in ("full_mfu", "plain_mfu", "peak_bf16_tflops", "full_tokens_per_s_per_worker",
                 "plain_tokens_per_s", "ratio", "full_model_flops_per_tok", "full_tflops_per_s_per_worker",
-                "timed_seconds_per_side", "peak_memory_gib", "device", "encode_images_per_s_per_gpu",
-                "encode_precision"):  # fmt: skip
+                "timed_seconds_per_side", "peak_memory_gib", "device", "profile_gpu_busy_share",
+                "profile_matmul_share", "profile_attention_share", "profile_kernels_per_step",
+                "encode_images_per_s_per_gpu", "encode_precision"):  # fmt: skip
         if key in summary:
             target = TARGETS.get(key)
             value = summary[key]
@@ -176,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for step in plan:
             print(f"{step.name:<20} limit {step.limit_s:>3} s  {' '.join(step.argv)}")
-        print(f"{'deadline':<20} limit {DEADLINE_S:>3} s (a step gets what is left of it if less than its own)")
+        print(
+            f"{'deadline':<20} limit {DEADLINE_S:>3} s (a step gets what is left of it if less than its own)"
+        )
         return 0
     import torch
 

@@ -156,9 +156,17 @@ def data_bench(
     help="Rendered scenes the data stage tokenizes for the bench (a small set restarts its epoch every few steps).",
 )
 @click.option("--work", type=click.Path(file_okay=False), help="Working folder [default: a temporary one].")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="After the timed windows, one more plain-loop window under torch.profiler: the top ops or kernels, "
+    "the matmul and attention shares of the time, on CUDA how busy the GPU was and the kernels per step.",
+)
 @config_options
 @json_option
-def train_bench(workers, steps: int, rounds: int, images: int, work, cfg, as_json: bool) -> None:
+def train_bench(
+    workers, steps: int, rounds: int, images: int, work, profile: bool, cfg, as_json: bool
+) -> None:
     """Training: tokens/s per worker of Ray Train + DeepSpeed (expert parallel, ZeRO)
     over tokens/s of a plain PyTorch loop, same model, batches and threads, measured in
     alternating windows inside one run."""
@@ -169,7 +177,7 @@ def train_bench(workers, steps: int, rounds: int, images: int, work, cfg, as_jso
 
     with ray_output_on_stderr():
         summary = bench_train(cfg, workers or cfg.train.workers, steps, rounds, images, Path(work) if work else None,
-                              echo=lambda line: click.echo(line, err=True))  # fmt: skip
+                              echo=lambda line: click.echo(line, err=True), profile=profile)  # fmt: skip
     emit(summary, as_json)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -136,6 +137,57 @@ class PlainLoop:
             self.opt.zero_grad(set_to_none=True)
         device.synchronize(self.device)
         return {"counts": counts, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+
+
+# What a profiled window's time is spent on, by op (CPU) or kernel (CUDA) name.
+MATMUL = re.compile(r"aten::(mm|addmm|bmm|baddbmm|_grouped_mm|matmul)$|gemm|nvjet|xmma|cutlass|wgmma", re.I)
+ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
+
+
+def profile_window(loop: PlainLoop, steps: int, top: int = 12) -> dict[str, Any]:
+    """One more window of the plain loop under torch.profiler: where its time goes. On
+    CUDA the kernels' own time, with the share of the window's wall time the GPU was busy
+    (well under 1: the GPU waits on launches and the host) and the kernels launched per
+    step; on a CPU the ops' own time. The matmul and attention shares say how much of the
+    time is the work MFU counts; the rest (norms, routing, permutes, elementwise, copies)
+    is what fusion or compilation would take away."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from uniloom.pipelines import device
+
+    cuda = loop.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    device.synchronize(loop.device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        loop.steps(steps)  # synchronizes at its end
+        wall = time.perf_counter() - start
+    if cuda:
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        own = {e.key: e.self_device_time_total for e in events}
+        launches = sum(e.count for e in events)
+    else:  # only ops without CPU children of their own count their self time: all of it
+        own = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")}
+        launches = None
+    total = sum(own.values()) or 1.0
+
+    def share(pattern: re.Pattern) -> float:
+        return round(sum(t for k, t in own.items() if pattern.search(k)) / total, 4)
+
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    out = {
+        "profile_steps": steps,
+        "profile_wall_ms": round(wall * 1e3, 1),
+        "profile_busy_ms": round(total / 1e3, 1),
+        "profile_matmul_share": share(MATMUL),
+        "profile_attention_share": share(ATTENTION),
+        "profile_top": [[k[:80], round(t / 1e3, 2), round(t / total, 4)] for k, t in ranked],
+    }
+    if cuda:
+        out["profile_gpu_busy_share"] = round(total / 1e6 / wall, 4)
+        out["profile_kernels_per_step"] = round(launches / steps)
+    return out
 
 
 def _barrier(world: int) -> None:
@@ -273,13 +325,16 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         "device_type": full.device.type,
         "peak_memory_gib": peak,
     }
+    if job.get("profile") and ctx["rank"] == 0:  # after the timed windows: it slows what it watches
+        figures.update(profile_window(plain, steps))
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
         (Path(tmp) / "bench.json").write_text(json.dumps(figures))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx["rank"] == 0 else None
         ray.train.report(figures, checkpoint=checkpoint)
 
 
-def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: Callable[[str], None]):
+def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: Callable[[str], None],
+              profile: bool = False):  # fmt: skip
     import ray.data
     from ray.train import DataConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -297,7 +352,14 @@ def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: C
     t = cfg.train
     cfg, image_fp = effective_config(cfg)
     job = prepare_job(cfg, recipe.select(t, None), image_fp)
-    job.update(window_steps=steps, rounds=rounds, eval_prompt_ids=[], mlflow_uri="", mlflow_run_id="")
+    job.update(
+        window_steps=steps,
+        rounds=rounds,
+        profile=profile,
+        eval_prompt_ids=[],
+        mlflow_uri="",
+        mlflow_run_id="",
+    )
     init_ray(cfg.ray)
     scaling, torch_config = worker_resources(t, workers)
     echo(f"full path and plain loop, {rounds} timed windows of {steps} steps each (after one warm-up "
@@ -337,7 +399,7 @@ def utilisation(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, images: int, work: Path | None,
-                echo: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+                echo: Callable[[str], None], profile: bool = False) -> dict[str, Any]:  # fmt: skip
     load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="uniloom-bench-train-") as tmp:
         root = Path(work or tmp)
@@ -346,7 +408,7 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         t.shards, t.storage = str(root / "shards"), str(root / "ray_results")
         t.stages = {"bench": bench_stage(cfg, (rounds + 1) * steps)}
         make_shards(cfg, root, images, echo)
-        m = run_bench(cfg, workers, steps, rounds, echo)
+        m = run_bench(cfg, workers, steps, rounds, echo, profile)
     out = {
         "full_tokens_per_s_per_worker": round(m["full_tokens_per_s_per_worker"], 1),
         "plain_tokens_per_s": round(m["plain_tokens_per_s"], 1),
@@ -388,4 +450,5 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         "peak_memory_gib": round(m["peak_memory_gib"], 3),
         "peak_memory_of": "cuda allocated, full path" if m["device_type"] == "cuda" else "worker RSS, both sides",
     })  # fmt: skip
+    out.update({k: v for k, v in m.items() if k.startswith("profile_")})  # --profile: rank 0's plain loop
     return out

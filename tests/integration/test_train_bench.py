@@ -16,7 +16,7 @@ def test_bench_train_times_the_real_loop_and_counts_model_flops(cli, tmp_path, r
     from uniloom.pipelines.train.flops import TrainingFlops
 
     proc = cli("bench", "train", "--images", "64", "--steps", "2", "--rounds", "1", "--work", str(tmp_path),
-               "--json")  # fmt: skip
+               "--profile", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["workers"], out["expert_parallel"], out["timed_steps_per_side"]) == (2, 2, 2)
@@ -40,9 +40,12 @@ def test_bench_train_times_the_real_loop_and_counts_model_flops(cli, tmp_path, r
     assert out["mfu"].startswith("not applicable on a CPU") and "full_mfu" not in out
     assert out["device"] and out["peak_memory_of"] == "worker RSS, both sides"
     # A worker holds two copies of the model's fp32 weights (the plain loop's and the engine's)
+    # --profile: rank 0's plain loop, one more window, by op: the matmuls are a share of it
+    assert out["profile_steps"] == 2 and 0 < out["profile_matmul_share"] < 1
+    assert out["profile_top"] and all(name.startswith("aten::") for name, _, _ in out["profile_top"])
     counts = parameter_counts(load_config("tiny"))
     assert out["peak_memory_gib"] > 2 * 4 * (counts["total"] + counts["mingtok_total"]) / 2**30
     report(f"2 steps per side: ratio {out['ratio']}, per CPU-second {out['ratio_cpu']}, "
            f"{out['full_model_flops_per_tok'] / 1e6:.2f} MFLOP per token, "
            f"{out['full_tflops_per_s_per_worker'] * 1e3:.2f} GFLOP/s per worker, peak RSS "
-           f"{out['peak_memory_gib']:.2f} GiB")  # fmt: skip
+           f"{out['peak_memory_gib']:.2f} GiB, matmul share {out['profile_matmul_share']}")  # fmt: skip

@@ -56,7 +56,9 @@ def test_each_step_keeps_its_limit_and_its_figures_reach_the_summary():
 
 def test_the_deadline_cuts_the_plan_and_a_timed_out_test_step_says_what_passed():
     py = sys.executable
-    verbose = "print('tests/gpu/test_a.py::test_one PASSED'); import sys, time; sys.stdout.flush(); time.sleep(30)"
+    verbose = (
+        "print('tests/gpu/test_a.py::test_one PASSED'); import sys, time; sys.stdout.flush(); time.sleep(30)"
+    )
     plan = [
         gpu_check.Step("gpu tests: a", 60, [py, "-c", verbose]),  # its own limit is past the deadline
         gpu_check.Step("gpu tests: b", 60, [py, "-c", "print('1 passed in 0.1s')"]),
