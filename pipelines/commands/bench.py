@@ -162,10 +162,17 @@ def data_bench(
     help="After the timed windows, one more plain-loop window under torch.profiler: the top ops or kernels, "
     "the matmul and attention shares of the time, on CUDA how busy the GPU was and the kernels per step.",
 )
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Also time the plain loop with train.compile on, in windows alternating with the others: "
+    "compile_speedup (leave train.compile off to compare with eager).",
+)
 @config_options
 @json_option
 def train_bench(
-    workers, steps: int, rounds: int, images: int, work, profile: bool, cfg, as_json: bool
+    workers, steps: int, rounds: int, images: int, work, profile: bool, compile_: bool, cfg, as_json: bool
 ) -> None:
     """Training: tokens/s per worker of Ray Train + DeepSpeed (expert parallel, ZeRO)
     over tokens/s of a plain PyTorch loop, same model, batches and threads, measured in
@@ -177,7 +184,7 @@ def train_bench(
 
     with ray_output_on_stderr():
         summary = bench_train(cfg, workers or cfg.train.workers, steps, rounds, images, Path(work) if work else None,
-                              echo=lambda line: click.echo(line, err=True), profile=profile)  # fmt: skip
+                              echo=lambda line: click.echo(line, err=True), profile=profile, compile=compile_)  # fmt: skip
     emit(summary, as_json)
 
 

@@ -90,14 +90,15 @@ class PlainLoop:
     """A single-process PyTorch training loop: forward, backward, clip, AdamW, schedule, on
     `where` in the precision the full path resolves there."""
 
-    def __init__(self, cfg: UniloomConfig, stage: StageConfig, where: str, seed_offset: int = 0):
+    def __init__(self, cfg: UniloomConfig, stage: StageConfig, where: str, seed_offset: int = 0,
+                 compile: bool | None = None):  # fmt: skip
         import torch
 
         from uniloom.pipelines import precision
         from uniloom.pipelines.tokenizer.kinds import kind_of
         from uniloom.pipelines.train import deepspeed_config
         from uniloom.pipelines.train.loop import anchor_tokenizer, load_tokenizer
-        from uniloom.pipelines.train.module import Trainee
+        from uniloom.pipelines.train.module import Trainee, compile_dense
 
         self.t = cfg.train
         torch.manual_seed(self.t.seed)
@@ -107,6 +108,8 @@ class PlainLoop:
         self.model.set_trainable(stage.trainable)
         anchor_tokenizer(self.model, stage, cfg.data.tokenizer_weights, cfg.data.storage_options)
         self.model.input_noise = self.t.input_noise
+        if self.t.compile if compile is None else compile:
+            compile_dense(self.model)
         self.device = torch.device(where)
         self.model.to(self.device)
         self.precision = precision.resolve(self.t.precision, self.device)
@@ -264,8 +267,13 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
     stage = cfg.train.stages[name]
     full = StageRun(cfg, job, name, Resume(todo=[name]), None, ctx)
     plain = PlainLoop(cfg, stage, str(full.device), seed_offset=ctx["rank"])
+    # --compile: a third side, the plain loop with train.compile on (its first window compiles)
+    compiled = (
+        PlainLoop(cfg, stage, str(full.device), ctx["rank"], compile=True) if job.get("compile") else None
+    )
     logger = RunLogger("", "", active=False)  # the run's logging path, without an MLflow run to write to
-    totals = {side: {"counts": {}, "seconds": 0.0, "cpu": 0.0} for side in ("plain", "full")}
+    sides = ("plain", "full", "compiled") if compiled else ("plain", "full")
+    totals = {side: {"counts": {}, "seconds": 0.0, "cpu": 0.0} for side in sides}
     loads = []  # (L, E) token-slots per expert of every timed full micro step, this worker's
     peak = 0.0
     last = [None]
@@ -290,15 +298,20 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         device.synchronize(full.device)
         f = {"counts": {k: v - before.get(k, 0) for k, v in full.trained.items()},
              "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}  # fmt: skip
+        if r and full.device.type == "cuda":  # the other sides' resident tensors subtracted
+            resident = sum(_resident_bytes(loop) for loop in (plain, compiled) if loop is not None)
+            peak = max(peak, device.peak_memory_gib(full.device) - resident / 2**30)
+        elif r:  # the worker process's resident set: every side's weights and state
+            peak = device.peak_memory_gib(full.device)
+        windows = {"plain": p, "full": f}
+        if compiled is not None:
+            _barrier(world)
+            windows["compiled"] = compiled.steps(steps)
         if r:
-            for side, m in (("plain", p), ("full", f)):
+            for side, m in windows.items():
                 flops.add_counts(totals[side]["counts"], m["counts"])
                 totals[side]["seconds"] += m["seconds"]
                 totals[side]["cpu"] += m["cpu"]
-            if full.device.type == "cuda":
-                peak = max(peak, device.peak_memory_gib(full.device) - _resident_bytes(plain) / 2**30)
-            else:  # the worker process's resident set: both sides' weights and state
-                peak = device.peak_memory_gib(full.device)
     count = flops.TrainingFlops.of(cfg, "semantic_decoder" in stage.trainable)
     sums = {}
     for side, tot in totals.items():
@@ -325,6 +338,11 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
         "device_type": full.device.type,
         "peak_memory_gib": peak,
     }
+    if compiled is not None:
+        c = sums["compiled"]
+        figures.update(
+            compiled_tokens_per_s=c["tokens"] / c["seconds"], compiled_flops_per_s=c["flops"] / c["seconds"]
+        )
     if job.get("profile") and ctx["rank"] == 0:  # after the timed windows: it slows what it watches
         figures.update(profile_window(plain, steps))
     with tempfile.TemporaryDirectory() as tmp:  # the driver gets results with a checkpoint
@@ -334,7 +352,7 @@ def bench_loop_per_worker(job: dict[str, Any]) -> None:
 
 
 def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: Callable[[str], None],
-              profile: bool = False):  # fmt: skip
+              profile: bool = False, compile: bool = False):  # fmt: skip
     import ray.data
     from ray.train import DataConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -356,6 +374,7 @@ def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: C
         window_steps=steps,
         rounds=rounds,
         profile=profile,
+        compile=compile,
         eval_prompt_ids=[],
         mlflow_uri="",
         mlflow_run_id="",
@@ -384,22 +403,25 @@ def run_bench(cfg: UniloomConfig, workers: int, steps: int, rounds: int, echo: C
 
 
 def utilisation(figures: dict[str, Any]) -> dict[str, Any]:
-    """MFU of both sides against the device's dense bf16 peak (train/flops.py PEAK_BF16);
+    """MFU of each side against the device's dense bf16 peak (train/flops.py PEAK_BF16);
     on a CPU not applicable, on a GPU missing from the table unknown: said, not guessed."""
     if figures["device_type"] != "cuda":
         return {"mfu": "not applicable on a CPU (no published dense bf16 peak); see the TFLOP/s"}
     peak = flops.peak_bf16(figures["device"])
     if peak is None:
         return {"mfu": f"unknown: no bf16 peak for {figures['device']} in train/flops.py PEAK_BF16"}
-    return {
+    out = {
         "full_mfu": round(figures["full_flops_per_s_per_worker"] / peak, 4),
         "plain_mfu": round(figures["plain_flops_per_s"] / peak, 4),
         "peak_bf16_tflops": round(peak / 1e12, 1),
     }
+    if "compiled_flops_per_s" in figures:
+        out["compiled_mfu"] = round(figures["compiled_flops_per_s"] / peak, 4)
+    return out
 
 
 def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, images: int, work: Path | None,
-                echo: Callable[[str], None], profile: bool = False) -> dict[str, Any]:  # fmt: skip
+                echo: Callable[[str], None], profile: bool = False, compile: bool = False) -> dict[str, Any]:  # fmt: skip
     load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="uniloom-bench-train-") as tmp:
         root = Path(work or tmp)
@@ -408,7 +430,7 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         t.shards, t.storage = str(root / "shards"), str(root / "ray_results")
         t.stages = {"bench": bench_stage(cfg, (rounds + 1) * steps)}
         make_shards(cfg, root, images, echo)
-        m = run_bench(cfg, workers, steps, rounds, echo, profile)
+        m = run_bench(cfg, workers, steps, rounds, echo, profile, compile)
     out = {
         "full_tokens_per_s_per_worker": round(m["full_tokens_per_s_per_worker"], 1),
         "plain_tokens_per_s": round(m["plain_tokens_per_s"], 1),
@@ -446,9 +468,12 @@ def bench_train(cfg: UniloomConfig, workers: int, steps: int, rounds: int, image
         "plain_tflops_per_s": round(m["plain_flops_per_s"] / 1e12, 4),
         **utilisation(m),
         # CUDA: the full path's peak allocated bytes (the plain loop's resident tensors
-        # subtracted); a CPU: the worker process's peak resident set (both sides)
+        # subtracted); a CPU: the worker process's peak resident set (every side)
         "peak_memory_gib": round(m["peak_memory_gib"], 3),
-        "peak_memory_of": "cuda allocated, full path" if m["device_type"] == "cuda" else "worker RSS, both sides",
+        "peak_memory_of": "cuda allocated, full path" if m["device_type"] == "cuda" else "worker RSS, every side",
     })  # fmt: skip
+    if compile:  # the plain loop compiled (train.compile) over the plain loop, side by side
+        out["compiled_tokens_per_s"] = round(m["compiled_tokens_per_s"], 1)
+        out["compile_speedup"] = round(m["compiled_tokens_per_s"] / m["plain_tokens_per_s"], 3)
     out.update({k: v for k, v in m.items() if k.startswith("profile_")})  # --profile: rank 0's plain loop
     return out

@@ -110,6 +110,9 @@ class TrainConfig:
     # (pipelines/train/shm_comm.py). Workers on several machines use gloo/NCCL regardless
     shm_collectives: bool = True
     zero_stage: Literal[0, 1, 2] = 1
+    # torch.compile each layer's attention and each flow-head block (train/module.py
+    # compile_dense); `uniloom bench train --compile` measures what it buys
+    compile: bool = False
     # bf16: autocast over fp32 weights; auto: bf16 on GPUs and on CPUs that run it faster
     # than fp32, decided on each worker's machine (pipelines/precision.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -43,7 +43,7 @@ from uniloom.pipelines.train import deepspeed_config, ema, expert_parallel, flop
 from uniloom.pipelines.train.config import StageConfig
 from uniloom.pipelines.train.data import Position, Stream, TaskSampler
 from uniloom.pipelines.train.metrics import RATES, Window, expert_histogram
-from uniloom.pipelines.train.module import Trainee
+from uniloom.pipelines.train.module import Trainee, compile_dense
 from uniloom.pipelines.train.recipe import Resume, global_step
 
 _STARTED = time.time()
@@ -99,6 +99,8 @@ def build_engine(cfg: UniloomConfig, name: str, world: int, ep: int, reader: ckp
     trainee.set_trainable(stage.trainable)
     anchor_tokenizer(trainee, stage, job["tokenizer_weights"], cfg.data.storage_options)
     trainee.input_noise = t.input_noise
+    if t.compile:
+        compile_dense(trainee)
     expert_parallel.mark_for_deepspeed(trainee, ep)
     opt = deepspeed_config.optimizer(trainee, t, stage)
     engine, *_ = deepspeed.initialize(

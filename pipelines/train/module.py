@@ -121,3 +121,21 @@ class Trainee(nn.Module):
         anchor = F.mse_loss(features, self.reference_features(read.image_latents))
         total = losses.total + self.anchor_weight * anchor
         return TraineeLosses(**{**vars(losses), "total": total}, anchor=anchor.detach())
+
+
+def compile_dense(trainee: Trainee) -> list[str]:
+    """train.compile: torch.compile, in place (nn.Module.compile: the state dict keeps its
+    names, so checkpoints and exports do not change), the parts whose shapes are fixed by
+    the packed batch: each decoder layer's attention (projections, RoPE, attention) and
+    each block of the per-token flow head, as torchtitan compiles per block. The MoE's
+    routing and dispatch stay eager: their shapes follow the routing, and with expert
+    parallelism they hold the all-to-alls. Returns the compiled modules' names."""
+    names = []
+    for i, layer in enumerate(trainee.model.layers):
+        layer.attn.compile()
+        names.append(f"model.layers.{i}.attn")
+    head = trainee.kind.token_flow_head(trainee.model)
+    for i, block in enumerate(head.blocks if head is not None else []):
+        block.compile()
+        names.append(f"model.flow_head.blocks.{i}")
+    return names

@@ -38,7 +38,7 @@ def test_bench_train_times_the_real_loop_and_counts_model_flops(cli, tmp_path, r
     # On a CPU: no dense bf16 peak to divide by, said rather than invented; the device is
     # the worker's own CPU
     assert out["mfu"].startswith("not applicable on a CPU") and "full_mfu" not in out
-    assert out["device"] and out["peak_memory_of"] == "worker RSS, both sides"
+    assert out["device"] and out["peak_memory_of"] == "worker RSS, every side"
     # A worker holds two copies of the model's fp32 weights (the plain loop's and the engine's)
     # --profile: rank 0's plain loop, one more window, by op: the matmuls are a share of it
     assert out["profile_steps"] == 2 and 0 < out["profile_matmul_share"] < 1

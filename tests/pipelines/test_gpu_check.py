@@ -24,6 +24,9 @@ def test_the_plan_names_what_exists_and_measures_before_it_tests(capsys):
     encode, bench, *tests = (step.argv for step in gpu_check.steps())
     assert encode[-2:] == ["uniloom.pipelines.gpu_check", "--encode"]
     assert Path(bench[0]).is_file() and bench[1:5] == ["bench", "train", "--preset", "base"]
+    assert "--profile" in bench and "--compile" not in bench
+    compiled = gpu_check.steps(compile=True)[1]  # `--compile`: the bench also times train.compile
+    assert "--compile" in compiled.argv and compiled.limit_s > gpu_check.steps()[1].limit_s
     files = sorted(Path(argv[-1]) for argv in tests)
     assert files == sorted((REPO / "tests" / "gpu").glob("test_*.py")) and len(files) == 3
 
