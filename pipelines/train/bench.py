@@ -10,6 +10,8 @@ plain loop  the same model (all experts local) on the same device in the same pr
             with pyarrow, batches built in the loop), the same threads, torch AdamW +
             clipping + schedule: no Ray Data, no DeepSpeed, no collectives: tokens/s
 ratio       full / plain
+compiled    (--compile) the plain loop with train.compile on, in windows alternating with
+            the two others: compile_speedup = compiled / plain
 
 How they are measured side by side: inside the same Ray Train run, every worker
 alternates timed windows of the two (plain, full, plain, full, ...), so both see the same
@@ -24,6 +26,8 @@ active-expert matmuls and attention as torchtitan and Megatron count them, plus 
 heads per image slot and target, over the timed batches' own mix), the FLOP/s they reach,
 MFU against the GPU's dense bf16 peak (none on a CPU: there MFU is not applicable), and
 the peak memory (the GPU's allocated bytes on CUDA, the worker's resident set on a CPU).
+--profile adds, after the timed windows, one window of rank 0's plain loop under
+torch.profiler: where the time goes (profile_window).
 """
 
 from __future__ import annotations
