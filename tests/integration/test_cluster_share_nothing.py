@@ -6,7 +6,8 @@ S3 server and MLflow a tracking server, both on 127.0.0.1. `uniloom submit -- ru
 every stage there, unified training with one worker on each node (expert parallel across
 them); the worker node is lost mid-training and a new one joins, and training resumes
 from the checkpoint in the bucket. The bucket's run equals the quickstart's local one
-(the same budgets: the same stages and rows), and a rerun skips every stage."""
+(the same budgets: the same stages and rows, every written row in the bucket's shards),
+and a rerun from this machine skips every stage."""
 
 import json
 import shutil
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.dataset as pads
 import pytest
 import s3fs
 import yaml
@@ -156,6 +158,12 @@ def test_the_workflow_runs_on_nodes_that_share_no_files_and_survives_a_lost_node
     for name, path in (("data.shards", "data"), ("train.export", "univision/univision.safetensors"),
                        ("tokenizer.weights", "mingtok/mingtok.safetensors")):  # fmt: skip
         assert summary["outputs"][name] == f"s3://{workspace}/{path}"
+    # the data stage's shards and manifest are in the bucket, every written row in them
+    table = pads.dataset(f"{workspace}/data/shards", filesystem=fs).to_table()
+    assert table.num_rows == summary["metrics"]["data.written"] and fs.exists(
+        f"{workspace}/data/_manifest.json"
+    )
+    assert len(fs.ls(f"{workspace}/corpus")) >= summary["metrics"]["corpus.corpus_shards"]
 
     # the worker node was lost after a checkpoint and before the end; the restarted group
     # (the head and the new worker node) restored that checkpoint from the bucket

@@ -1,26 +1,19 @@
 """A workspace on object storage (moto's S3 server on 127.0.0.1): the workflow state is
 versioned objects, MLflow tracks to a server (a real one on 127.0.0.1) and stores
 artifacts beside the workspace, every stage's outputs are in the bucket (only logs and
-caches stay on this node), and the corpus and data stages there equal a run in a local
-folder. The whole `uniloom run` on a bucket: test_cluster_share_nothing.py."""
+caches stay on this node). The whole `uniloom run` on a bucket, its rows against a run in
+a local folder and a rerun that skips every stage: test_cluster_share_nothing.py."""
 
 import json
-import posixpath
 
 import mlflow
-import pyarrow.dataset as pads
 import pytest
 import s3fs
 from mlflowserver import MlflowServer
 
-from uniloom.models.mingtok_config import MingTokConfig
-from uniloom.pipelines.config import CorpusConfig, UniloomConfig, load_config
-from uniloom.pipelines.data.fs import open_fs
-from uniloom.pipelines.data.image_tokenizer import save_random_weights
+from uniloom.pipelines.config import load_config
 from uniloom.pipelines.errors import UniloomError
 from uniloom.pipelines.workflow import Stage, StageResult, State, run_workflow
-from uniloom.pipelines.workflow_stages import workflow_stages
-from uniloom.pipelines.workspace import scratch, workspace_uri
 
 pytestmark = pytest.mark.integration
 
@@ -112,61 +105,3 @@ def test_a_remote_workspace_with_a_store_on_this_node_fails_before_writing(s3, t
     with pytest.raises(UniloomError, match="no MLflow tracking server is given"):
         run_workflow(cfg, [Stage("corpus", ("corpus",), lambda cfg, up: StageResult())])
     assert not fs.exists(f"{BUCKET}/refused")
-
-
-SMALL = MingTokConfig(
-    image_size=32, patch_size=8, enc_width=64, enc_heads=2, enc_depth=1, sem_width=64, sem_heads=2,
-    sem_depth=1, pix_width=64, pix_heads=2, pix_depth=1, pix_patch_size=4,
-)  # fmt: skip
-
-
-def _random_mingtok(cfg, upstream):
-    """Random MingTok weights stored in the workspace: the data stage's input, in place of
-    the tokenizer stage's training (not yet on a remote workspace: see the README)."""
-    local = save_random_weights(SMALL, str(scratch(cfg, "mingtok.safetensors")))
-    target = workspace_uri(cfg, "mingtok", "mingtok.safetensors")
-    fs, path = open_fs(target, cfg.data.storage_options)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.put_file(local, path)
-    return StageResult(outputs={"weights": target})
-
-
-def _corpus_and_data(workspace: str) -> tuple:
-    cfg = UniloomConfig(
-        mingtok=SMALL, workspace=workspace, corpus=CorpusConfig(num=24, shards=3, size=32, seed=4)
-    )
-    cfg.data.bpe_vocab_size = 300
-    stages = {s.name: s for s in workflow_stages()}
-    tokenizer = Stage("tokenizer", ("mingtok",), _random_mingtok, ("corpus",))
-    return cfg, [stages["corpus"], tokenizer, stages["data"]]
-
-
-def test_corpus_and_data_stages_on_s3_equal_a_local_run(s3, server, tmp_path, ray_local, monkeypatch):
-    """The workflow's corpus and data stages with the workspace in a bucket: the same
-    stages run and the same rows come out as with a local folder; a rerun skips every
-    stage; the shards, manifest and state are in the bucket."""
-    fs, options = s3
-    local_cfg, stages = _corpus_and_data(str(tmp_path / "ws"))
-    local, _ = run_workflow(local_cfg, stages)
-    remote_cfg, stages = _corpus_and_data(f"s3://{BUCKET}/corpus-and-data")
-    remote_cfg.data.storage_options = options
-    remote_cfg.tracking.tracking_uri = server.uri()
-    before = mlflow.get_tracking_uri()
-    try:
-        remote, _ = run_workflow(remote_cfg, stages)
-        again, _ = run_workflow(remote_cfg, stages)
-    finally:
-        mlflow.set_tracking_uri(before)
-
-    assert [(r.name, r.status) for r in remote] == [(r.name, r.status) for r in local]
-    assert [r.status for r in again] == ["skipped"] * 3
-    rows = {k: v for k, v in local[2].result.metrics.items() if k != "images_per_s"}
-    assert rows["written"] > 0
-    assert {k: v for k, v in remote[2].result.metrics.items() if k != "images_per_s"} == rows
-    data = remote[2].result.outputs["shards"]
-    assert data == f"s3://{BUCKET}/corpus-and-data/data"
-    table = pads.dataset(f"{BUCKET}/corpus-and-data/data/shards", filesystem=fs).to_table()
-    assert table.num_rows == rows["written"]
-    assert fs.exists(f"{BUCKET}/corpus-and-data/data/_manifest.json")
-    assert remote[0].result.outputs["corpus"] == f"s3://{BUCKET}/corpus-and-data/corpus"
-    assert len(fs.ls(f"{BUCKET}/corpus-and-data/corpus")) == 3
