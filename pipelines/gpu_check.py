@@ -18,7 +18,10 @@ it when less than its own limit, and one that runs out is reported as timed out 
 tests that passed before). Without CUDA it says so and runs nothing (exit 2); --dry-run
 prints the plan on any machine.
 
-    python -m uniloom.pipelines.gpu_check [--dry-run]
+    python -m uniloom.pipelines.gpu_check [--dry-run] [--compile]
+
+--compile adds `bench train --compile` (the plain loop with train.compile, side by side:
+compile_speedup); its compiling warm-up leaves the tests less of the deadline.
 """
 
 from __future__ import annotations
