@@ -251,6 +251,14 @@ def attention_mask(key_mask_BS, num_new: int, doc_ids_BT=None, image_ids_BT=None
     return allowed[:, None]
 
 
+# Devices where a masked grouped-query call repeats K/V to every query head first. On CUDA,
+# flash attention takes no mask and memory-efficient attention no grouped K/V heads, so
+# such a call (every training forward: padding, documents, images) would fall back to the
+# math kernel and its (B, nh, T, S) score matrix; repeated K/V let memory-efficient
+# attention take it. On the CPU the fused kernel takes both as they are.
+EXPAND_MASKED_GQA_ON = ("cuda",)
+
+
 class Attention(nn.Module):
     """Multi-head attention, grouped-query when kv_heads < heads (each key/value head
     serves heads / kv_heads query heads); the output width is `out_width` (default: the
@@ -315,9 +323,13 @@ class Attention(nn.Module):
             # Query i sits at slot past + i and sees keys 0 .. past + i.
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
+        grouped = self.nh != self.nkv
+        if grouped and mask is not None and q.device.type in EXPAND_MASKED_GQA_ON:
+            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))  # (B, nh, S, hd)
+            grouped = False
         # A single new causal token may see every cached key: no mask needed.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and not past, enable_gqa=self.nh != self.nkv
+            q, k, v, attn_mask=mask, is_causal=causal and not past, enable_gqa=grouped
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, q_dim)
         return self.proj(y) if self.fused else self.wo(y)  # (B, T, out_width)

@@ -218,7 +218,11 @@ def _run_stages(
     results: dict[str, StageResult] = {}
     fingerprints: dict[str, str] = {}
     ran: set[str] = set()
-    with mlflow.start_run(run_name=f"workflow-{cfg.preset}", tags={"uniloom.workflow": cfg.preset}) as parent:
+    # nested under the caller's run where there is one (`bench tokenizers --unified`)
+    with mlflow.start_run(
+        run_name=f"workflow-{cfg.preset}", nested=mlflow.active_run() is not None,
+        tags={"uniloom.workflow": cfg.preset},
+    ) as parent:  # fmt: skip
         log_config(cfg)
         for stage in stages:
             fp = fingerprint(stage, cfg, fingerprints, code_fingerprint(stage.run, sources))

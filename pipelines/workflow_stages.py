@@ -71,7 +71,9 @@ def _tokenizer(cfg: UniloomConfig, done: dict[str, StageResult]) -> StageResult:
     cfg = copy.deepcopy(cfg)
     cfg.tokenizer.corpus = done["corpus"].outputs["corpus"]
     summary = train_tokenizer(cfg, restart=True, echo=_echo)
-    metrics = _numbers(summary, ("psnr", "ssim", "detector_agreement", "probe_shape", "probe_color", "steps"))
+    metrics = _numbers(
+        summary, ("psnr", "ssim", "detector_agreement", "probe_shape", "probe_color", "steps", "budget_cut")
+    )
     if "detector_agreement" in metrics and summary.get("images"):
         # n and interval, so the tokenizer gate judges the agreement by its lower bound
         n = int(summary["images"])

@@ -223,15 +223,24 @@ def kernels_bench(quick: bool, steps: int, rounds: int, threads: int, cfg, as_js
 @click.option("--rounds", default=3, show_default=True, help="Timed encode rounds, the kinds alternating.")
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads of the scoring.")
 @click.option(
+    "--unified", is_flag=True,
+    help="Run each kind's workflow (corpus to eval, the preset's recipe) and add the unified "
+    "model's GenEval, VQA and 2-round edit columns.",
+)  # fmt: skip
+@click.option(
     "--work", type=click.Path(file_okay=False), help="Runs and exports [default: a temporary folder]."
 )
 @config_options
 @json_option
-def tokenizers_bench(steps, kinds, corpus, limit, grid, batch, rounds, threads, work, cfg, as_json) -> None:
+def tokenizers_bench(
+    steps, kinds, corpus, limit, grid, batch, rounds, threads, unified, work, cfg, as_json
+) -> None:
     """MingTok, UniTok and TUNA trained on the same step budget and corpus, each by
     `uniloom tokenizer train`'s path, then one table: reconstruction PSNR/SSIM, detector
     agreement, linear probes (with 95% intervals), tokens and bytes per image in the shards,
-    encode images/s; logged to MLflow with the reconstructions side by side."""
+    encode images/s; logged to MLflow with the reconstructions side by side. With
+    --unified each kind runs the workflow's stages (corpus to eval) on equal budgets and the
+    table adds the unified model's GenEval, VQA and 2-round edit success."""
     import tempfile
     from pathlib import Path
 
@@ -240,6 +249,10 @@ def tokenizers_bench(steps, kinds, corpus, limit, grid, batch, rounds, threads, 
     from uniloom.pipelines.config import load_config
     from uniloom.pipelines.tokenizer.bench import bench_tokenizers
 
+    if unified and corpus:
+        raise click.UsageError(
+            "--unified runs each kind's workflow on the corpus it synthesises (corpus.*): drop --corpus"
+        )
     params = click.get_current_context().params  # each kind's config: the same sources + its kind
     configs = {
         k: load_config(params["preset"], params["config_file"], [*params["overrides"], f"tokenizer.kind={k}"])
@@ -250,8 +263,9 @@ def tokenizers_bench(steps, kinds, corpus, limit, grid, batch, rounds, threads, 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="uniloom-bench-tokenizers-") as tmp:
         summary = bench_tokenizers(
-            cfg, configs, steps, Path(work or tmp), note, limit=limit, rounds=rounds, batch=batch, grid=grid
-        )
+            cfg, configs, steps, Path(work or tmp), note, limit=limit, rounds=rounds, batch=batch, grid=grid,
+            unified=unified,
+        )  # fmt: skip
     if as_json:
         emit(summary, as_json)
     else:

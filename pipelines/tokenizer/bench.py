@@ -12,9 +12,17 @@ probe scenes:
                        before Parquet's compression)
     encode             images/s of the kind's `values`, timed in alternating rounds
 
-The unified model's columns (GenEval, VQA, 2-round edit after equal training budgets) wait
-for the bench to train the unified model per kind (the workflow does; the bench not yet):
-they say so, with no number.
+With `unified`, each kind instead runs the workflow's own stages (corpus -> tokenizer ->
+data -> train -> eval, as `uniloom run --set tokenizer.kind=<kind>` runs them; nothing
+registered) in a folder of its own, every kind on the same budgets, and the table adds
+the unified model's test-split figures with their intervals:
+
+    geneval, vqa       GenEval overall (bootstrap interval) and VQA accuracy (Wilson)
+    edit_2             2-round edit success, each round fed feature to feature (Wilson)
+
+The reconstruction figures are then those of the tokenizer each workflow trained (the
+held-out shards of its corpus, the same seed for every kind). Without it, those columns
+say they were not run.
 """
 
 from __future__ import annotations
@@ -41,8 +49,8 @@ from uniloom.pipelines.tokenizer.evaluate import (
 )
 from uniloom.pipelines.tokenizer.kinds import KINDS, kind_for
 
-NOT_YET = "not yet (issue 20 item 6)"
-UNIFIED_COLUMNS = ("geneval_overall", "vqa_accuracy", "edit_2_rounds")
+NOT_RUN = "not run (--unified)"
+UNIFIED_COLUMNS = ("geneval_overall", "vqa_accuracy", "edit_success_2")
 GRID_LABEL_WIDTH = 64
 LEGEND = (
     "In brackets: 95% intervals (Wilson for proportions, normal for means); for encode img/s "
@@ -65,6 +73,38 @@ def train_kinds(
         echo(f"{kind}: training {t.steps} steps")
         summaries[kind] = train_tokenizer(cfg, restart=True, echo=lambda line, k=kind: echo(f"{k}: {line}"))
     return summaries
+
+
+def run_kinds(
+    configs: dict[str, UniloomConfig], steps: int, work: Path, tracking: str, echo: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Each kind's workflow, corpus to eval, in `work`/<kind> (tracked to `tracking`,
+    nested under the active run; nothing registered) with `steps` tokenizer steps and the
+    config's recipe. Per kind: its tokenizer's weights and training figures, its corpus,
+    its eval metrics, the unified model's steps and the workflow's MLflow run id. A rerun
+    in the same `work` skips what is unchanged, as `uniloom run` does."""
+    from uniloom.pipelines.workflow import run_workflow
+    from uniloom.pipelines.workflow_stages import workflow_stages
+
+    stages = [s for s in workflow_stages() if s.name != "register"]
+    out = {}
+    for kind, cfg in configs.items():
+        cfg.workspace, cfg.tracking.tracking_uri = str(work / kind), tracking
+        cfg.tokenizer.steps, cfg.tokenizer.register, cfg.train.register = steps, False, False
+        echo(f"{kind}: {' -> '.join(s.name for s in stages)} in {cfg.workspace}")
+        reports, run_id = run_workflow(cfg, stages)
+        done = {r.name: r.result for r in reports}
+        tok = done["tokenizer"]
+        out[kind] = {
+            "weights": tok.outputs["weights"],
+            "corpus": done["corpus"].outputs["corpus"],
+            "steps": int(tok.metrics["steps"]),
+            "budget_cut": bool(tok.metrics.get("budget_cut", 0.0)),
+            "unified_steps": int(done["train"].metrics["global_step"]),
+            "eval": done["eval"].metrics,
+            "workflow_run_id": run_id,
+        }
+    return out
 
 
 def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -184,13 +224,15 @@ def _interval(row: dict[str, Any], name: str, digits: int) -> str:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     """The comparison as a Markdown table, one row per kind."""
-    header = ["kind", "steps", "PSNR dB", "SSIM", "detector agreement", "probe colour", "probe shape",
+    header = ["kind", "steps (tokenizer / unified)", "PSNR dB", "SSIM", "detector agreement", "probe colour", "probe shape",
               "tokens/image", "bytes/image", "encode img/s", "GenEval overall", "VQA", "2-round edit"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, r in rows.items():
         cells = [
             kind,
-            f"{r['steps']}" + (" (cut)" if r["budget_cut"] else ""),
+            f"{r['steps']}"
+            + (" (cut)" if r["budget_cut"] else "")
+            + (f" / {r['unified_steps']}" if "unified_steps" in r else ""),
             _interval(r, "psnr", 2),
             _interval(r, "ssim", 3),
             _interval(r, "detector_agreement", 3),
@@ -199,7 +241,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
             f"{r['tokens_per_image']} x {r['values_per_token']} {r['stored_dtype']}",
             f"{r['bytes_per_image']:,}",
             _interval(r, "encode_images_per_s", 1),
-            *(r[c] for c in UNIFIED_COLUMNS),
+            *(_interval(r, c, 3) if c in r else NOT_RUN for c in UNIFIED_COLUMNS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", LEGEND])
@@ -216,21 +258,29 @@ def bench_tokenizers(
     iters: int = 2,
     batch: int = 32,
     grid: int = 8,
+    unified: bool = False,
 ) -> dict[str, Any]:
-    """Train every kind of `configs` (each kind's full config) on `steps`, score them side
-    by side, and log the table, the figures and the reconstruction grid to one MLflow run
-    (`cfg`'s tracking) that holds each kind's training run as a child. Returns the summary:
-    `table` (Markdown), `rows` (per kind), `shared`, `mlflow_run_id`."""
+    """Train every kind of `configs` (each kind's full config) on `steps` (with `unified`:
+    run each kind's workflow, `run_kinds`), score them side by side, and log the table,
+    the figures and the reconstruction grid to one MLflow run (`cfg`'s tracking) that holds
+    each kind's training run (its workflow run) as a child. Returns the summary: `table`
+    (Markdown), `rows` (per kind), `shared`, `mlflow_run_id`."""
     import mlflow
 
     from uniloom.pipelines import device, tracking
     from uniloom.pipelines.tokenizer.train import split_shards
     from uniloom.pipelines.tokenizer.weights import load_tokenizer
 
-    _, held_paths = split_shards(cfg)  # a missing corpus fails here, before any run starts
+    if not unified:
+        split_shards(cfg)  # a missing corpus fails here, before any run starts
     steps = steps or cfg.tokenizer.steps
     with tracking.stage_run(cfg, "bench_tokenizers", tags={"uniloom.bench.kinds": ",".join(configs)}) as run:
-        trained = train_kinds(configs, steps, work, echo)
+        if unified:
+            trained = run_kinds(configs, steps, work, tracking.tracking_uri(cfg), echo)
+            cfg.tokenizer.corpus = next(iter(trained.values()))["corpus"]
+        else:
+            trained = train_kinds(configs, steps, work, echo)
+        _, held_paths = split_shards(cfg)
         where = "cpu" if cfg.tokenizer.device == "cpu" else device.local_device()
         models = {k: load_tokenizer(s["weights"]).to(where) for k, s in trained.items()}
         sizes = {m.cfg.image_size for m in models.values()}
@@ -242,10 +292,14 @@ def bench_tokenizers(
         )
         rows, shared, grid_image = score_kinds(models, held, cfg, rounds, iters, batch, grid)
         for kind, row in rows.items():
-            row.update({k: trained[kind][k] for k in ("steps", "budget_cut", "train_loop_seconds")})
-            row.update(dict.fromkeys(UNIFIED_COLUMNS, NOT_YET))
-            row["training_run_id"] = trained[kind]["mlflow_run_id"]
-        shared.update(device=device.name(where), steps_planned=steps)
+            t = trained[kind]
+            row.update({k: t[k] for k in ("steps", "budget_cut")})
+            if unified:
+                row.update({k: v for k, v in t["eval"].items() if k.startswith(UNIFIED_COLUMNS)})
+                row.update(unified_steps=t["unified_steps"], workflow_run_id=t["workflow_run_id"])
+            else:
+                row.update(train_loop_seconds=t["train_loop_seconds"], training_run_id=t["mlflow_run_id"])
+        shared.update(device=device.name(where), steps_planned=steps, unified=unified)
         text = table(rows)
         mlflow.log_metrics(
             {

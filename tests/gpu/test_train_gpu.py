@@ -61,3 +61,29 @@ def test_generate_and_edit_run_on_the_gpu(gpu_run):
                      "--out", str(work / "edit"), *common, cwd=work)  # fmt: skip
     assert edited.returncode == 0, edited.stderr[-4000:]
     assert len(json.loads(edited.stdout.strip().splitlines()[-1])["images"]) == 2
+
+
+def test_base_masked_gqa_attention_runs_on_the_memory_efficient_kernel():
+    """base's attention shape (GQA 12/4 heads of 128) with a training mask, in bf16: with
+    only the memory-efficient kernel allowed it runs (K/V repeated, models/blocks.py), and
+    gives what the math kernel gives, forward and backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from uniloom.models.blocks import Attention, attention_mask
+
+    torch.manual_seed(0)
+    attn = Attention(1536, 12, kv_heads=4, head_dim=128, bias=False, fused=False).cuda().bfloat16()
+    x = torch.randn(2, 1024, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    keys = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
+    keys[1, 900:] = False
+    mask = attention_mask(keys, 1024)
+    runs = []
+    for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        x.grad = None
+        with sdpa_kernel([backend]):
+            y = attn(x, mask=mask)
+            y.float().square().mean().backward()
+        runs.append((y.float(), x.grad.float()))
+    for eff, math in zip(*runs, strict=True):  # bf16: within 2% of the largest value
+        scale = math.abs().max()
+        torch.testing.assert_close(eff / scale, math / scale, atol=2e-2, rtol=0)

@@ -153,6 +153,32 @@ def test_gqa_attention_and_cache():
     assert cache.length == T and cache.keys[0].shape == (B, CFG.num_kv_heads, T, CFG.head_dim)
 
 
+def test_masked_gqa_with_repeated_kv_equals_grouped(monkeypatch):
+    """The CUDA path (K/V repeated to every query head for a masked call) run on the CPU:
+    the same outputs and gradients as the grouped call."""
+    from uniloom.models import blocks
+
+    torch.manual_seed(0)
+    attn = gqa()
+    B, T = 2, 7
+    x = torch.randn(B, T, CFG.hidden)
+    cos, sin = rope_angles(torch.arange(T)[None].expand(B, T), CFG.head_dim, CFG.rope_theta)
+    keys = torch.ones(B, T, dtype=torch.bool)
+    keys[1, 5:] = False
+    mask = attention_mask(keys, T, image_ids_BT=torch.tensor([[-1, 0, 0, 0, -1, -1, -1]] * B))
+    runs = []
+    for devices in ((), (x.device.type,)):
+        monkeypatch.setattr(blocks, "EXPAND_MASKED_GQA_ON", devices)
+        attn.zero_grad()
+        y = attn(x, mask=mask, rope=(cos, sin))
+        y.square().sum().backward()
+        runs.append((y.detach(), [p.grad.clone() for p in attn.parameters()]))
+    (grouped, g_grads), (repeated, r_grads) = runs
+    torch.testing.assert_close(repeated, grouped, atol=1e-5, rtol=1e-5)
+    for a, b in zip(r_grads, g_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_attention_causal_masked_and_cached_match_the_rederivation():
     torch.manual_seed(0)
     attn = perturbed(Attention(24, 3))

@@ -69,6 +69,13 @@ def test_one_parent_run_with_nested_stage_runs(tmp_path):
     assert client.get_run(parent).data.params["corpus.num"] == "2000"
     assert all(r.data.params["fingerprint"] for r in children)
 
+    # run inside a caller's run (`bench tokenizers --unified`): nested under it
+    cfg.workspace = str(tmp_path / "second")
+    cfg.tracking.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with mlflow.start_run(experiment_id=exp.experiment_id, run_name="caller") as caller:
+        _, inner = run_workflow(cfg, _stages(tmp_path, []), terminal=_quiet(cfg))
+    assert client.get_run(inner).data.tags["mlflow.parentRunId"] == caller.info.run_id
+
 
 def test_corrupt_state_and_unreachable_tracking_server_fail_clearly(tmp_path):
     cfg = load_config("tiny", overrides=[f"workspace={tmp_path}"])
