@@ -81,7 +81,7 @@ def run_kinds(
     """Each kind's workflow, corpus to eval, in `work`/<kind> (tracked to `tracking`,
     nested under the active run; nothing registered) with `steps` tokenizer steps and the
     config's recipe. Per kind: its tokenizer's weights and training figures, its corpus,
-    its eval metrics, the unified model's steps and the workflow's MLflow run id. A rerun
+    its eval metrics, the unified model's steps and export, the workflow's MLflow run id. A rerun
     in the same `work` skips what is unchanged, as `uniloom run` does."""
     from uniloom.pipelines.workflow import run_workflow
     from uniloom.pipelines.workflow_stages import workflow_stages
@@ -101,6 +101,7 @@ def run_kinds(
             "steps": int(tok.metrics["steps"]),
             "budget_cut": bool(tok.metrics.get("budget_cut", 0.0)),
             "unified_steps": int(done["train"].metrics["global_step"]),
+            "export": done["train"].outputs["export"],
             "eval": done["eval"].metrics,
             "workflow_run_id": run_id,
         }
@@ -296,7 +297,7 @@ def bench_tokenizers(
             row.update({k: t[k] for k in ("steps", "budget_cut")})
             if unified:
                 row.update({k: v for k, v in t["eval"].items() if k.startswith(UNIFIED_COLUMNS)})
-                row.update(unified_steps=t["unified_steps"], workflow_run_id=t["workflow_run_id"])
+                row.update({k: t[k] for k in ("unified_steps", "export", "workflow_run_id")})
             else:
                 row.update(train_loop_seconds=t["train_loop_seconds"], training_run_id=t["mlflow_run_id"])
         shared.update(device=device.name(where), steps_planned=steps, unified=unified)

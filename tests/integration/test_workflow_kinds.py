@@ -1,7 +1,10 @@
-"""`uniloom run --set tokenizer.kind=unitok|tuna` end to end on small budgets: the kind's
+"""`uniloom run --set tokenizer.kind=unitok` end to end on small budgets: the kind's
 tokenizer trained under Ray Train, its shards, the four-stage recipe on two Ray Train
-workers, evaluation and registration (`uniloom-<kind>` and `uniloom-univision`); then
-`uniloom generate` and a two-round `uniloom edit` with the registered unified model."""
+workers, evaluation and registration (`uniloom-unitok` and `uniloom-univision`); then
+`uniloom generate` and a two-round `uniloom edit` with the registered unified model.
+TUNA's workflow runs the same stages in tests/integration/test_bench_tokenizers.py
+(`bench tokenizers --unified`, then generate and edit with its export), and its
+registered pyfunc in test_tokenizer_kinds.py."""
 
 import json
 from pathlib import Path
@@ -16,7 +19,7 @@ from workflowrun import BUDGETS, STAGES
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("kind", ["unitok", "tuna"])
+@pytest.mark.parametrize("kind", ["unitok"])
 def test_the_workflow_of_each_kind_registers_a_model_that_generates_and_edits(kind, tmp_path, report):
     from mlflow.tracking import MlflowClient
 
