@@ -81,8 +81,8 @@ def run_kinds(
     """Each kind's workflow, corpus to eval, in `work`/<kind> (tracked to `tracking`,
     nested under the active run; nothing registered) with `steps` tokenizer steps and the
     config's recipe. Per kind: its tokenizer's weights and training figures, its corpus,
-    its eval metrics, the unified model's steps and export, the workflow's MLflow run id. A rerun
-    in the same `work` skips what is unchanged, as `uniloom run` does."""
+    its eval metrics, the unified model's steps and export, the workflow's MLflow run id.
+    A rerun in the same `work` skips what is unchanged, as `uniloom run` does."""
     from uniloom.pipelines.workflow import run_workflow
     from uniloom.pipelines.workflow_stages import workflow_stages
 
@@ -225,8 +225,9 @@ def _interval(row: dict[str, Any], name: str, digits: int) -> str:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     """The comparison as a Markdown table, one row per kind."""
-    header = ["kind", "steps (tokenizer / unified)", "PSNR dB", "SSIM", "detector agreement", "probe colour", "probe shape",
-              "tokens/image", "bytes/image", "encode img/s", "GenEval overall", "VQA", "2-round edit"]  # fmt: skip
+    header = ["kind", "steps (tokenizer / unified)", "PSNR dB", "SSIM", "detector agreement", "probe colour",
+              "probe shape", "tokens/image", "bytes/image", "encode img/s", "GenEval overall", "VQA",
+              "2-round edit"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, r in rows.items():
         cells = [
