@@ -274,15 +274,15 @@ def bench_tokenizers(
     from uniloom.pipelines.tokenizer.weights import load_tokenizer
 
     if not unified:
-        split_shards(cfg)  # a missing corpus fails here, before any run starts
+        _, held_paths = split_shards(cfg)  # a missing corpus fails here, before any run starts
     steps = steps or cfg.tokenizer.steps
     with tracking.stage_run(cfg, "bench_tokenizers", tags={"uniloom.bench.kinds": ",".join(configs)}) as run:
         if unified:
             trained = run_kinds(configs, steps, work, tracking.tracking_uri(cfg), echo)
-            cfg.tokenizer.corpus = next(iter(trained.values()))["corpus"]
+            cfg.tokenizer.corpus = next(iter(trained.values()))["corpus"]  # the same seed for every kind
+            _, held_paths = split_shards(cfg)
         else:
             trained = train_kinds(configs, steps, work, echo)
-        _, held_paths = split_shards(cfg)
         where = "cpu" if cfg.tokenizer.device == "cpu" else device.local_device()
         models = {k: load_tokenizer(s["weights"]).to(where) for k, s in trained.items()}
         sizes = {m.cfg.image_size for m in models.values()}

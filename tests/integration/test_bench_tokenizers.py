@@ -9,12 +9,11 @@ figure is there, in range, and the one its run logged.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from smallkinds import SMALL
+from trainshards import draws_and_edits
 from workflowrun import BUDGETS
 
 from uniloom.pipelines.config import CorpusConfig
@@ -116,22 +115,4 @@ def test_bench_tokenizers_unified_runs_the_kinds_workflow(ray_local, tmp_path, u
 
     # the kind's unified model draws and edits through the commands (its registered twin:
     # tests/integration/test_workflow_kinds.py, UniTok)
-    common = [
-        "--model",
-        row["export"],
-        "--set",
-        f"workspace={tmp_path / 'work' / kind}",
-        "--steps",
-        "2",
-        "--json",
-    ]
-    code, out, err = uniloom_main("generate", "a red circle", "--out", str(tmp_path / "gen"), *common)
-    assert code == 0, err
-    (image,) = json.loads(out.strip().splitlines()[-1])["images"]
-    assert np.asarray(Image.open(image)).shape == (32, 32, 3)
-    code, out, err = uniloom_main("edit", image, "--instruction", "make the circle blue", "--instruction",
-                                  "move it left", "--out", str(tmp_path / "edit"), *common)  # fmt: skip
-    assert code == 0, err
-    rounds = json.loads(out.strip().splitlines()[-1])["images"]
-    assert [Path(p).name for p in rounds] == ["round1-0.png", "round2-0.png"]
-    assert all(np.asarray(Image.open(p)).shape == (32, 32, 3) for p in rounds)
+    draws_and_edits(row["export"], tmp_path / "work" / kind, tmp_path)

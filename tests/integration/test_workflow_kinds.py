@@ -7,13 +7,11 @@ TUNA's workflow runs the same stages in tests/integration/test_bench_tokenizers.
 registered pyfunc in test_tokenizer_kinds.py."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from smallkinds import SMALL
-from trainshards import uniloom
+from trainshards import draws_and_edits, uniloom
 from workflowrun import BUDGETS, STAGES
 
 pytestmark = pytest.mark.integration
@@ -42,15 +40,4 @@ def test_the_workflow_of_each_kind_registers_a_model_that_generates_and_edits(ki
     assert 0 <= metrics["eval.geneval_overall"] <= 1 and np.isfinite(metrics["eval.tokenizer_psnr"])
     report(f"uniloom run, tokenizer.kind={kind}, small budgets: {summary['seconds']} s")
 
-    uri = f"models:/uniloom-univision/{version.version}"
-    common = ["--model", uri, "--set", f"workspace={ws}", "--steps", "2", "--json"]
-    drawn = uniloom("generate", "a red circle", "--out", str(tmp_path / "gen"), *common, cwd=tmp_path)
-    assert drawn.returncode == 0, drawn.stderr[-3000:]
-    (image,) = json.loads(drawn.stdout.strip().splitlines()[-1])["images"]
-    assert np.asarray(Image.open(image)).shape == (32, 32, 3)
-    edited = uniloom("edit", image, "--instruction", "make the circle blue", "--instruction", "move it left",
-                     "--out", str(tmp_path / "edit"), *common, cwd=tmp_path)  # fmt: skip
-    assert edited.returncode == 0, edited.stderr[-3000:]
-    rounds = json.loads(edited.stdout.strip().splitlines()[-1])["images"]
-    assert [Path(p).name for p in rounds] == ["round1-0.png", "round2-0.png"]
-    assert all(np.asarray(Image.open(p)).shape == (32, 32, 3) for p in rounds)
+    draws_and_edits(f"models:/uniloom-univision/{version.version}", ws, tmp_path)

@@ -84,3 +84,24 @@ def uniloom(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
     return subprocess.run(
         [exe, *args], cwd=cwd, env={**os.environ}, capture_output=True, text=True, timeout=timeout
     )
+
+
+def draws_and_edits(model: str, workspace: Path, out: Path, size: int = 32) -> None:
+    """`uniloom generate` one image with `model`, then a two-round `uniloom edit` of it:
+    each exits 0 and writes images of `size` px, the edit one per round."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    common = ["--model", model, "--set", f"workspace={workspace}", "--steps", "2", "--json"]
+    drawn = uniloom("generate", "a red circle", "--out", str(out / "gen"), *common, cwd=out)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    (image,) = json.loads(drawn.stdout.strip().splitlines()[-1])["images"]
+    assert np.asarray(Image.open(image)).shape == (size, size, 3)
+    edited = uniloom("edit", image, "--instruction", "make the circle blue", "--instruction", "move it left",
+                     "--out", str(out / "edit"), *common, cwd=out)  # fmt: skip
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    rounds = json.loads(edited.stdout.strip().splitlines()[-1])["images"]
+    assert [Path(p).name for p in rounds] == ["round1-0.png", "round2-0.png"]
+    assert all(np.asarray(Image.open(p)).shape == (size, size, 3) for p in rounds)
