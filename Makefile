@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# DeepSpeed compiles its shared-memory comm op on first use (~30 s), in whichever
+	# DeepSpeed compiles its shared-memory comm op on first use (~1 min), in whichever
 	# worker gets there first; a worker killed mid-build leaves a lock that stalls every
-	# later run. Build it here, once.
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# later run. Build it here, once, with the ninja every uniloom process uses (ds_ops.py).
+	$(BIN)/python -m uniloom.pipelines.train.ds_ops
 	touch $(STAMP)
 
 lint: $(STAMP)

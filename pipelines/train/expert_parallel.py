@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from uniloom.models.moe import GroupedExperts, MoE, expert
 from uniloom.pipelines.errors import UniloomError
-from uniloom.pipelines.train import shm_comm
+from uniloom.pipelines.train import ds_ops, shm_comm
 
 
 def group_name(ep: int) -> str:
@@ -229,6 +229,7 @@ def create_groups(ep: int) -> str:
     import deepspeed
     from deepspeed.utils import groups
 
+    ds_ops.pin_ninja()  # DeepSpeed's CPU backend loads (or builds) its shm op here
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
     world = dist.get_world_size()
     if world % ep:

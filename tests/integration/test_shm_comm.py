@@ -5,6 +5,10 @@ DeepSpeed's own; many collectives under random pauses, collectives called in dif
 orders raising instead of hanging, and the flow head's exchanges in the backward of a
 rank without image targets."""
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -62,3 +66,36 @@ def test_collectives_called_in_different_orders_raise_instead_of_hanging():
 
 def test_a_rank_without_image_targets_takes_part_in_the_flow_exchanges_backward():
     spawn_within(trainworkers.flow_without_targets, 2, 300)
+
+
+def test_pin_ninja_puts_the_ninja_packages_binary_first_once(monkeypatch, tmp_path):
+    import ninja
+
+    from uniloom.pipelines.train.ds_ops import pin_ninja
+
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin")
+    assert pin_ninja() == ninja.BIN_DIR and pin_ninja() == ninja.BIN_DIR
+    assert os.environ["PATH"] == os.pathsep.join([ninja.BIN_DIR, str(tmp_path), "/usr/bin"])
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+
+
+def test_deepspeeds_shm_op_loads_through_the_pinned_ninja_whichever_path_finds_first(tmp_path):
+    """A process whose PATH finds another ninja first (a system one of another version
+    rebuilds the op each time: pipelines/train/ds_ops.py) still loads the op through the
+    ninja package's, as training's create_groups does: the other ninja never runs."""
+    decoy, ran = tmp_path / "bin" / "ninja", tmp_path / "decoy-ran"
+    decoy.parent.mkdir()
+    decoy.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    decoy.chmod(0o755)
+    script = (
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "from uniloom.pipelines.train.expert_parallel import create_groups\n"
+        "create_groups(1)\n"
+        "from deepspeed.comm import comm\n"
+        "assert comm.cdb.shm_comm_op is not None, 'no shm op'\n"
+    )
+    env = {**os.environ, "PATH": f"{decoy.parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not ran.exists()
