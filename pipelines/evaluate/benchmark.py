@@ -69,13 +69,14 @@ def held_out(
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of k successes in n trials: unlike p +- z*se it stays in
-    [0, 1] and does not collapse to a point at 0/n or n/n."""
+    [0, 1] and does not collapse to a point at 0/n or n/n. It holds k/n; the clamps to
+    k/n only undo rounding (at 0/n the lower end came out 3e-17, not 0)."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,12 @@ def test_wilson_interval_on_known_counts():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(24, 24)[0] == pytest.approx(24 / (24 + 1.959964**2), abs=1e-6)
+    # the interval holds k/n exactly, 0/n and n/n included (no rounding past either end)
+    for n in range(1, 301):
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
     assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
 
