@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# DeepSpeed compiles its shared-memory comm op on first use (~1 min), in whichever
 	# worker gets there first; a worker killed mid-build leaves a lock that stalls every
-	# later run. Build it here, once, with the ninja every uniloom process uses (ds_ops.py).
+	# later run. Build it here, once, with the ninja training uses (train/ds_ops.py).
 	$(BIN)/python -m uniloom.pipelines.train.ds_ops
 	touch $(STAMP)
 

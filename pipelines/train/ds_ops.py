@@ -7,8 +7,9 @@ process loads it, asking `ninja` whether anything is out of date. torch runs the
 (1.11 and 1.13 do): where PATH finds the system's ninja in one process and the
 environment's in another (a shell against a Ray worker), each one rebuilds the op the
 other built, about a minute on 2 cores each time, under a lock every other worker waits
-on. Every process of uniloom therefore runs the ninja installed with DeepSpeed (pinned by
-constraints.txt), first on its PATH; the Makefile builds the op through here too:
+on. Training therefore puts the ninja installed with DeepSpeed (pinned by constraints.txt)
+first on its PATH before it starts DeepSpeed's backend; the Makefile builds the op
+through here too:
 
     python -m uniloom.pipelines.train.ds_ops
 """
